@@ -1,0 +1,85 @@
+"""Parameter and compute counts, measured the way the specs quote them.
+
+GMACs are ``torch.utils.flop_counter`` FLOPs / 2 for one image. On CPU, PyTorch's fused attention
+kernel (``_scaled_dot_product_flash_attention_for_cpu``) has no FLOP formula registered, so this
+module registers the standard SDPA formula for it; without that the attention in Container's last
+stage would count as free.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.utils import flop_counter
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _custom_mapping() -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        # FlopCounterMode wraps custom formulas itself: they receive shapes, not tensors.
+        mapping[op] = _cpu_sdpa_flops
+    return mapping
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int = 3) -> int:
+    """Multiply-accumulates of one forward pass on a single image (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        x = torch.zeros(1, in_chans, *input_size, device=device)
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
+            model(x)
+        return counter.get_total_flops() // 2
+    finally:
+        model.train(was_training)
+
+
+def describe(name: str, sizes: Iterable[int] = (224, 96), **kwargs: Any) -> dict[str, Any]:
+    """Parameters and GMACs of a registered model (backbone only unless num_classes is given)."""
+    from ssl_container.models.registry import create_model
+
+    kwargs.setdefault("num_classes", 0)
+    row: dict[str, Any] = {"model": name, "params": None, "gmacs": {}}
+    for size in sizes:
+        # Token-MLP models are tied to one size: build one per size so each size has a number.
+        model = create_model(name, **({"img_size": size, **kwargs} if name == "container_pam" else kwargs))
+        if row["params"] is None or name == "container_pam":
+            row.setdefault("params_by_size", {})[str(size)] = count_parameters(model)
+            row["params"] = row["params"] if row["params"] is not None else count_parameters(model)
+        row["gmacs"][str(size)] = round(count_macs(model, (size, size)) / 1e9, 4)
+    if name != "container_pam":
+        row.pop("params_by_size", None)
+    return row
+
+
+def describe_models(sizes: Iterable[int] = (224, 96), as_json: bool = False) -> list[dict[str, Any]]:
+    from ssl_container.models.registry import list_models
+
+    sizes = list(sizes)
+    rows = [describe(name, sizes) for name in ("container_light", "container", "container_pam") if name in list_models()]
+    if as_json:
+        print(json.dumps(rows))
+        return rows
+    head = f"{'model':<18}{'params':>14}" + "".join(f"{'GMACs@' + str(s):>12}" for s in sizes)
+    print(head)
+    for r in rows:
+        params = r["params"]
+        print(f"{r['model']:<18}{params:>14,}" + "".join(f"{r['gmacs'][str(s)]:>12.3f}" for s in sizes))
+    if any(r["model"] == "container_pam" for r in rows):
+        print("container_pam's token-MLP is sized to the input: parameters above are at the first size; "
+              + ", ".join(f"{s}: {n:,}" for r in rows if r["model"] == "container_pam"
+                          for s, n in r.get("params_by_size", {}).items()))
+    return rows

@@ -1,0 +1,190 @@
+"""Model constructors, timm registration and the official-checkpoint key converter.
+
+``import ssl_container`` registers ``container_light``, ``container`` and ``container_pam`` with timm,
+so ``timm.create_model("container_light", num_classes=0)`` works, including timm's
+``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)`` for local weights (safetensors or a
+``weights_only`` torch file, with official or project names).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ssl_container.models.container import Container, checkpoint_filter_fn
+
+__all__ = [
+    "container_light",
+    "container",
+    "container_pam",
+    "create_model",
+    "list_models",
+    "convert_official_state_dict",
+    "is_official_state_dict",
+    "MODEL_ARGS",
+]
+
+# Architecture arguments per variant. Light: static conv affinity in stages 1-3, the learned mix of
+# attention and conv in stage 4 (the released network). Container: the mix in every stage. PAM:
+# attention mixed with a dense token-MLP in every stage, which fixes the input size.
+MODEL_ARGS: dict[str, dict[str, Any]] = {
+    "container_light": dict(stage_affinities=("conv", "conv", "conv", "attention+conv")),
+    "container": dict(stage_affinities=("attention+conv",) * 4),
+    "container_pam": dict(stage_affinities=("attention+mlp",) * 4, img_size=224),
+}
+
+_CFG = dict(
+    url="",
+    num_classes=1000,
+    input_size=(3, 224, 224),
+    pool_size=(7, 7),
+    crop_pct=0.875,
+    interpolation="bicubic",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    first_conv="stages.0.patch_embed.proj",
+    classifier="head",
+    license="apache-2.0",
+)
+
+
+def _build(variant: str, pretrained: bool = False, **kwargs: Any) -> Container:
+    args = {**MODEL_ARGS[variant], **kwargs}
+    try:
+        from timm.models import build_model_with_cfg
+    except ImportError:  # timm is a dependency, but keep the models usable without it
+        if pretrained:
+            raise RuntimeError("pretrained=True needs timm; use ssl_container.load_backbone(PATH) instead")
+        args.pop("pretrained_cfg", None)
+        args.pop("pretrained_cfg_overlay", None)
+        return Container(**args)
+    return build_model_with_cfg(
+        Container,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **args,
+    )
+
+
+def container_light(pretrained: bool = False, **kwargs: Any) -> Container:
+    """Container-Light as released (20.12M backbone parameters, 3.848 GMACs at 224)."""
+    return _build("container_light", pretrained, **kwargs)
+
+
+def container(pretrained: bool = False, **kwargs: Any) -> Container:
+    """CONTAINER: attention mixed with depthwise conv in all four stages (paper, no released code)."""
+    return _build("container", pretrained, **kwargs)
+
+
+def container_pam(pretrained: bool = False, **kwargs: Any) -> Container:
+    """CONTAINER-PAM: attention mixed with a dense token-MLP in all stages; fixed input size."""
+    return _build("container_pam", pretrained, **kwargs)
+
+
+_CONSTRUCTORS: dict[str, Callable[..., Container]] = {
+    "container_light": container_light,
+    "container": container,
+    "container_pam": container_pam,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_CONSTRUCTORS)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Our models by name; any other name goes to timm (e.g. ``vit_small_patch16_224``)."""
+    if name in _CONSTRUCTORS:
+        return _CONSTRUCTORS[name](**kwargs)
+    import timm
+
+    if not timm.list_models(name):
+        raise ValueError(f"unknown model '{name}': use one of {list_models()} or any timm model name")
+    return timm.create_model(name, **kwargs)
+
+
+def _register_with_timm() -> None:
+    try:
+        from timm.models import generate_default_cfgs, register_model
+        from timm.models._registry import _model_entrypoints
+    except ImportError:  # pragma: no cover - timm is a hard dependency
+        return
+    default_cfgs = generate_default_cfgs({name: dict(_CFG) for name in _CONSTRUCTORS})
+    import sys
+
+    module = sys.modules[__name__]
+    module.default_cfgs = default_cfgs  # timm reads the variant's cfg from its module
+    for name, fn in _CONSTRUCTORS.items():
+        if name not in _model_entrypoints:
+            register_model(fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Official checkpoint names (allenai/container) -> ours
+_OFFICIAL_BLOCK_RULES: list[tuple[str, str]] = [
+    (r"pos_embed\.", "pos_embed."),
+    (r"norm1\.", "norm1."),
+    (r"norm2\.", "norm2."),
+    (r"conv1\.", "aggregation.input_proj."),
+    (r"conv2\.", "aggregation.output_proj."),
+    (r"mlp\.fc1\.", "mlp.fc1."),
+    (r"mlp\.fc2\.", "mlp.fc2."),
+]
+
+
+def is_official_state_dict(state_dict: dict[str, Any]) -> bool:
+    return any(k.startswith(("patch_embed1.", "blocks1.")) for k in state_dict)
+
+
+def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official allenai/container ``state_dict`` (420 entries) to this project's names.
+
+    The official code calls the 5x5 depthwise convolution ``attn`` in conv blocks and ``conv`` in
+    mixed blocks, and the mixing gate ``sa_weight``; here they are the affinity's ``conv`` and
+    ``mix_logit``. Stages 1-4 become ``stages.0-3``. Unknown keys raise, naming the key, rather than
+    being silently dropped.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    # Which stages hold mixed blocks is read from the checkpoint itself (a ``sa_weight`` present).
+    mixed_stages = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks(\d)\.\d+\.sa_weight$", k))}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new = _convert_key(key, mixed_stages)
+        if new is None:
+            raise KeyError(
+                f"unexpected key '{key}' in what looks like an official Container checkpoint; "
+                "expected patch_embed{1..4}, blocks{1..4}, norm and head entries"
+            )
+        out[new] = value
+    return out
+
+
+def _convert_key(key: str, mixed_stages: set[int]) -> str | None:
+    if m := re.match(r"patch_embed(\d)\.(proj|norm)\.(.+)$", key):
+        return f"stages.{int(m.group(1)) - 1}.patch_embed.{m.group(2)}.{m.group(3)}"
+    if key.startswith(("norm.", "head.")):
+        return key
+    m = re.match(r"blocks(\d)\.(\d+)\.(.+)$", key)
+    if not m:
+        return None
+    stage, idx, rest = int(m.group(1)), m.group(2), m.group(3)
+    prefix = f"stages.{stage - 1}.blocks.{idx}."
+    mixed = stage in mixed_stages
+    if rest == "sa_weight":
+        return prefix + "aggregation.affinity.mix_logit"
+    if mixed and rest.startswith("conv."):
+        return prefix + "aggregation.affinity.static_affinity.conv." + rest[len("conv.") :]
+    if not mixed and rest.startswith("attn."):
+        return prefix + "aggregation.affinity.conv." + rest[len("attn.") :]
+    for pattern, repl in _OFFICIAL_BLOCK_RULES:
+        if re.match(pattern, rest):
+            return prefix + re.sub("^" + pattern, repl, rest)
+    return None
+
+
+_register_with_timm()
