@@ -22,6 +22,99 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(data_root=args.data, batch_size=args.batch_size, seed=args.seed)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from ssl_container.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"ssl-container train: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        from ssl_container.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    from ssl_container.distributed import resolve_env
+    from ssl_container.train import train
+
+    summary = train(cfg)
+    if resolve_env().is_main:
+        print(json.dumps(summary))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from ssl_container.export import CheckpointRefused, export
+
+    evals = None
+    if args.eval_json:
+        with open(args.eval_json) as f:
+            evals = json.load(f)
+    try:
+        out = export(args.source, args.out, args.which, include_head=args.head, eval_results=evals,
+                     model_name=args.model, overwrite=args.overwrite)
+    except (CheckpointRefused, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"ssl-container export: {err}", file=sys.stderr)
+        return 2
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"exported {meta['model']['name']} {meta['which'] or ''} (step {meta['step']}) to {out}: "
+          f"backbone.safetensors sha256 {meta['weights']['sha256']}"
+          + (", dino_head.safetensors" if meta.get("dino_head") else ""))
+    return 0
+
+
+def _parse_bytes(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GB, 1048576)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _cmd_shards_write(args: argparse.Namespace) -> int:
+    import json
+
+    from ssl_container.data.shards import write_shards
+
+    classes = None
+    if args.classes:
+        with open(args.classes) as f:
+            classes = [line.strip() for line in f if line.strip()]
+    source = args.source[0] if len(args.source) == 1 else args.source
+    entry = write_shards(source, args.out_dir, split=args.split, name=args.name, max_count=args.max_count,
+                         max_bytes=args.max_bytes, seed=args.seed, source_kind=args.source_kind, classes=classes)
+    print(json.dumps({"out_dir": args.out_dir, "split": args.split,
+                      **{k: entry[k] for k in ("shards", "num_shards", "num_samples")}}))
+    return 0
+
+
+def _cmd_shards_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from ssl_container.data.shards import verify_shards
+
+    report = verify_shards(args.path, splits=args.split, decode=not args.no_decode, workers=args.workers)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        for p in report.problems:
+            print(f"BAD shard={p['shard']} key={p['key'] or '-'} kind={p['kind']}: {p['detail']}")
+        summary = report.to_dict()
+        print(f"{'OK' if report.ok else 'FAILED'}: {summary['num_shards']} shards, {summary['num_samples']} samples, "
+              f"{len(report.problems)} problems")
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-container",
@@ -34,14 +127,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_models)
 
+    p = sub.add_parser("train", help="DINO pretraining (one process, torchrun, srun or submitit)",
+                       description="DINO pretraining. Defaults are DINO's recipe with Container-Light; a YAML "
+                       "recipe and key=value overrides change them (unknown keys fail before any work).")
+    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=32")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("demo", help="the end-to-end demo on the embedded default data")
     p.add_argument("--data", default=None, help="data root (default: ../shared/data, or $SSL_CONTAINER_DATA)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
+    # --- export (backbone -> safetensors + meta.json) ------------------------------------------
+    p = sub.add_parser("export", help="export a trained backbone as safetensors + meta.json",
+                       description="Export the fp32 backbone (teacher by default) as DIR/backbone.safetensors "
+                       "with DIR/meta.json (architecture, step, config digest, eval results, sha256). SOURCE: a "
+                       "run folder (latest checkpoint), a step folder, an exported folder, a .safetensors file "
+                       "or a .pth/.pt file readable with torch.load(weights_only=True); anything else is refused.")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--which", choices=("teacher", "student"), default=None,
+                   help="which DINO network (default: teacher where both exist)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--head", action="store_true", help="also write the DINO head as dino_head.safetensors")
+    p.add_argument("--eval-json", default=None, help="JSON file of evaluation results to record in meta.json")
+    p.add_argument("--model", default=None, help="architecture when the source does not record it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    p.set_defaults(func=_cmd_export)
+
     # --- shards (data pipeline) ---------------------------------------------------------------
-    # (filled in by the data issue: `ssl-container shards write|verify`)
+    p = sub.add_parser("shards", help="write / verify WebDataset shards with a dataset.json")
+    shards_sub = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
+    w = shards_sub.add_parser(
+        "write", help="an image folder, a file list (path[,label]) or shards -> shuffled shards + dataset.json")
+    w.add_argument("source", nargs="+", help="ImageFolder root (root/<class>/<image>), a .txt/.csv file list, "
+                                             "or shard URLs / brace patterns")
+    w.add_argument("out_dir", help="output folder (dataset.json is created or updated there)")
+    w.add_argument("--split", default="train", help="split name, also the shard file prefix (default: train)")
+    w.add_argument("--name", default=None, help="dataset name for dataset.json and keys (default: out_dir's name)")
+    w.add_argument("--from", dest="source_kind", choices=["auto", "folder", "list", "shards"], default="auto")
+    w.add_argument("--max-count", type=int, default=1000, help="samples per shard at most (default: 1000)")
+    w.add_argument("--max-bytes", type=_parse_bytes, default="1GB", help="bytes per shard at most (default: 1GB)")
+    w.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    w.add_argument("--classes", default=None, help="file with one class name per line (file lists with names)")
+    w.set_defaults(func=_cmd_shards_write)
+    v = shards_sub.add_parser("verify", help="check sha256 digests and decode every sample; exit 1 on any problem")
+    v.add_argument("path", help="dataset folder, its dataset.json, or a shard pattern")
+    v.add_argument("--split", action="append", default=None, help="only these splits (repeatable)")
+    v.add_argument("--no-decode", action="store_true", help="digests, members and counts only")
+    v.add_argument("--workers", type=int, default=1, help="processes (one shard each at a time)")
+    v.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    v.set_defaults(func=_cmd_shards_verify)
 
     return parser
 

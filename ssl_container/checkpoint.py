@@ -1,0 +1,183 @@
+"""Atomic save and exact resume of everything a DINO run needs to continue.
+
+Layout of ``RUN/checkpoints/`` (one folder per saved step)::
+
+    latest                        name of the newest *complete* folder; moved only after a full save
+    step_00000100/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's files (+ client state)
+        teacher.safetensors       fp32 teacher (backbone.* and head.*), for resume and export
+        student.safetensors       fp32 student weights, likewise
+        meta.json                 step, epoch, model and head arguments, config digest, world size
+
+A run killed at any moment (``kill -9`` in the middle of a save included) resumes from the folder
+``latest`` names; folders written after it are incomplete by construction and are removed on resume.
+Reading back never unpickles arbitrary objects: safetensors for weights, ``weights_only`` loads for
+DeepSpeed's files (see engine.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ssl_container import distributed as D
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainState", "CheckpointManager", "atomic_write_text", "read_latest", "resolve_checkpoint_dir"]
+
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the weights, define where training stands. ``step`` counts optimizer
+    steps taken (skipped non-finite steps included, so data and schedules stay aligned)."""
+
+    step: int = 0
+    epoch: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    images_seen: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write-then-rename, with fsyncs, so a reader sees the old or the new file, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    # safetensors refuses shared storage and non-contiguous views: store plain fp32 copies.
+    save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+               for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_latest(ckpt_root: Path) -> str | None:
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not _TAG.match(tag) or not (ckpt_root / tag / "meta.json").is_file():
+        raise RuntimeError(
+            f"{latest} names '{tag}', which is not a complete checkpoint folder. Point it at an existing "
+            f"step_XXXXXXXX folder under {ckpt_root} (one with meta.json), or delete it to start over."
+        )
+    return tag
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A run folder, its checkpoints folder or a step folder -> the step folder to read."""
+    path = Path(path)
+    if (path / "meta.json").is_file() and _TAG.match(path.name):
+        return path
+    for root in (path / "checkpoints", path):
+        if (root / "latest").is_file():
+            tag = read_latest(root)
+            assert tag is not None
+            return root / tag
+    raise FileNotFoundError(
+        f"no checkpoint found at {path}: expected a run folder with checkpoints/latest, or a checkpoints/step_* folder"
+    )
+
+
+class CheckpointManager:
+    """Saves and restores the student engine, the teacher, the loss center and the counters."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int, meta: dict[str, Any]) -> None:
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.meta = meta  # model/head arguments and config digest, written into every meta.json
+
+    # -- save --------------------------------------------------------------------------------------
+    def save(self, engine: Any, teacher: nn.Module, center: torch.Tensor, state: TrainState) -> Path:
+        """Collective: every rank must call it. Returns the folder written."""
+        tag = f"step_{state.step:08d}"
+        folder = self.root / tag
+        if D.is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            if folder.exists():  # a leftover of an interrupted save of this very step
+                shutil.rmtree(folder)
+        D.barrier()
+        client_state = {"train_state": asdict(state), "center": center.detach().cpu()}
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        if D.is_main():
+            _save_safetensors(teacher.state_dict(), folder / "teacher.safetensors")
+            _save_safetensors(engine.module.state_dict(), folder / "student.safetensors")
+            meta = {**self.meta, "step": state.step, "epoch": state.epoch, "world_size": _world_size(),
+                    "train_state": asdict(state)}
+            atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+        D.barrier()  # every rank's DeepSpeed files are on disk before the pointer moves
+        if D.is_main():
+            atomic_write_text(self.root / "latest", tag)
+            self._prune(keep=tag)
+        D.barrier()
+        return folder
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted(p.name for p in self.root.iterdir() if _TAG.match(p.name))
+        complete = [t for t in tags if (self.root / t / "meta.json").is_file() and t <= keep]
+        doomed = set(complete[: -self.keep_last]) | {t for t in tags if t not in complete}
+        for t in doomed - {keep}:
+            shutil.rmtree(self.root / t, ignore_errors=True)
+
+    # -- resume ------------------------------------------------------------------------------------
+    def latest(self) -> str | None:
+        return read_latest(self.root) if self.root.is_dir() else None
+
+    def load(self, engine: Any, teacher: nn.Module, center: torch.Tensor) -> TrainState | None:
+        """Restore from the newest complete checkpoint; ``None`` when there is none."""
+        tag = self.latest()
+        if tag is None:
+            return None
+        folder = self.root / tag
+        if D.is_main():  # folders beyond 'latest' are the remains of a save that never finished
+            for p in self.root.iterdir():
+                if _TAG.match(p.name) and p.name > tag:
+                    log.warning("removing incomplete checkpoint %s", p)
+                    shutil.rmtree(p, ignore_errors=True)
+        D.barrier()
+        meta = json.loads((folder / "meta.json").read_text())
+        self._check_compatible(meta, folder)
+        load_path, client = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder}; its files may be damaged. Remove {folder} "
+                               f"and point {self.root / 'latest'} at an older step folder to resume from there.")
+        teacher.load_state_dict(load_file(str(folder / "teacher.safetensors"), device="cpu"), strict=True)
+        center.copy_(client["center"].to(center.device))
+        state = TrainState(**client["train_state"])
+        log.info("resumed from %s (step %d, epoch %d)", folder, state.step, state.epoch)
+        return state
+
+    def _check_compatible(self, meta: dict[str, Any], folder: Path) -> None:
+        for key in ("model", "head"):
+            if meta.get(key) != self.meta.get(key):
+                raise RuntimeError(
+                    f"checkpoint {folder} was written for {key}={meta.get(key)}, but this run has "
+                    f"{key}={self.meta.get(key)}. Resume with the original config, or use a new run_dir."
+                )
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

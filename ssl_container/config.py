@@ -1,0 +1,370 @@
+"""Typed run configuration: dataclasses, YAML files and ``key=value`` command-line overrides.
+
+The code holds the defaults (DINO's official recipe, Container-Light); a YAML recipe holds only the
+choices that differ; overrides come last. The merge goes through OmegaConf's structured configs, so
+an unknown key or a wrongly typed value fails before any work is done, and this module turns
+OmegaConf's errors into one message that names the key and what it accepts. The resolved config is
+saved beside every run (``config.yaml``) and its digest goes into checkpoints and exports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "ModelConfig",
+    "HeadConfig",
+    "DinoConfig",
+    "OptimConfig",
+    "DataConfig",
+    "CropConfig",
+    "EngineConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "MonitorConfig",
+    "load_config",
+    "save_config",
+    "config_to_dict",
+    "config_digest",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key and the fix in the message."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "container_light"  # container_light | container | container_pam | any timm model name
+    drop_path_rate: float = 0.1
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = True
+    use_bn: bool = False
+
+
+@dataclass
+class DinoConfig:
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    freeze_last_layer: int = 1  # epochs with the prototype layer at lr 0
+    sinkhorn_knopp: bool = False
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 5e-4  # per 256 images; scaled linearly with the global batch
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # global norm; 0 disables
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # SGD only
+
+
+@dataclass
+class CropConfig:
+    """DINO's multi-crop recipe (dino.md); sizes and scales are free for small images."""
+
+    n_global: int = 2
+    global_size: int = 224
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    n_local: int = 8
+    local_size: int = 96
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+
+
+@dataclass
+class DataConfig:
+    urls: list[str] = field(default_factory=list)  # brace patterns, paths, pipe:/http(s) URLs
+    weights: Optional[list[float]] = None  # mixing weights, one per url
+    batch_size: int = 64  # per rank (per GPU)
+    num_workers: int = 8
+    shuffle_buffer: int = 1000
+    samples_per_epoch: Optional[int] = None  # per rank; default: the dataset size / world size
+    max_bad_fraction: float = 0.01
+    augment_on: str = "cpu"  # cpu: crops made in the loader workers | device: decoded on CPU, cropped on the GPU
+    crops: CropConfig = field(default_factory=CropConfig)
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 1  # 0 | 1 | 2
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (bf16 falls back to fp32 on CPU)
+    grad_accum_steps: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the backbones
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: bool = True  # resume from the newest complete checkpoint in run_dir
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10  # metrics.jsonl is written every step; this paces console lines
+    tensorboard: bool = True
+    progress: str = "auto"  # auto | bar | lines | off
+
+
+@dataclass
+class MonitorConfig:
+    """Online k-NN on a labelled split every N epochs (0 disables)."""
+
+    every_epochs: int = 0
+    train_urls: list[str] = field(default_factory=list)
+    val_urls: list[str] = field(default_factory=list)
+    resize: int = 256
+    crop: int = 224
+    k: int = 20
+    max_train_samples: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/dino"
+    seed: int = 0
+    epochs: int = 100
+    max_steps: Optional[int] = None  # stop early (demo, tests) while schedules keep the full length
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "optim.optimizer": ("adamw", "sgd"),
+    "engine.zero_stage": (0, 1, 2),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "engine.device": ("auto", "cpu", "cuda"),
+    "logging.progress": ("auto", "bar", "lines", "off"),
+    "data.augment_on": ("cpu", "device"),
+}
+
+
+def _allowed_keys(section: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
+
+
+def _section_at(path: str) -> Any:
+    """The dataclass type at a dotted path, for error messages."""
+    node: Any = TrainConfig
+    for part in path.split(".")[:-1] if path else []:
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()):  # type: ignore[misc]
+            return None
+        node = type(fields[part].default_factory())  # type: ignore[misc]
+    return node
+
+
+def _explain(err: Exception, source: str) -> ConfigError:
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, ConfigKeyError) or "Key '" in str(err) and "not in" in str(err):
+        section = _section_at(key) if key else None
+        allowed = ", ".join(_allowed_keys(section)) if section else "see ssl_container/config.py"
+        return ConfigError(f"{source}: unknown config key '{key}'. Allowed keys here: {allowed}")
+    if isinstance(err, OmegaConfBaseException):
+        msg = str(err).split("\n")[0]
+        return ConfigError(f"{source}: bad value for '{key}': {msg}")
+    return ConfigError(f"{source}: {err}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    flat = {
+        "optim.optimizer": cfg.optim.optimizer,
+        "engine.zero_stage": cfg.engine.zero_stage,
+        "engine.precision": cfg.engine.precision,
+        "engine.device": cfg.engine.device,
+        "logging.progress": cfg.logging.progress,
+        "data.augment_on": cfg.data.augment_on,
+    }
+    for key, value in flat.items():
+        if value not in _CHOICES[key]:
+            choices = ", ".join(map(str, _CHOICES[key]))
+            raise ConfigError(f"config key '{key}' is {value!r}; allowed values: {choices}")
+    positive = {
+        "epochs": cfg.epochs,
+        "data.batch_size": cfg.data.batch_size,
+        "engine.grad_accum_steps": cfg.engine.grad_accum_steps,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "head.out_dim": cfg.head.out_dim,
+        "data.crops.n_global": cfg.data.crops.n_global,
+        "logging.every_steps": cfg.logging.every_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise ConfigError(f"config key 'max_steps' must be > 0 or null, got {cfg.max_steps}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.urls):
+        raise ConfigError(
+            f"config key 'data.weights' has {len(cfg.data.weights)} entries for {len(cfg.data.urls)} "
+            "data.urls: give one weight per source, or drop data.weights"
+        )
+    for key in ("global_scale", "local_scale"):
+        lo_hi = getattr(cfg.data.crops, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ConfigError(f"config key 'data.crops.{key}' must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    if cfg.optim.warmup_epochs > cfg.epochs:
+        raise ConfigError(
+            f"config key 'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds 'epochs' ({cfg.epochs})"
+        )
+    if cfg.dino.warmup_teacher_temp_epochs > cfg.epochs:
+        raise ConfigError(
+            f"config key 'dino.warmup_teacher_temp_epochs' ({cfg.dino.warmup_teacher_temp_epochs}) exceeds "
+            f"'epochs' ({cfg.epochs})"
+        )
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a,b{1,2},c`` at commas outside braces/brackets (brace patterns contain commas)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "{[(":
+            depth += 1
+        elif ch in "}])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        parts.append(cur.strip())
+    return parts
+
+
+def _parse_override_value(raw: str) -> Any:
+    """YAML scalars and lists, except that WebDataset brace patterns (``{000..009}``) stay text."""
+    raw = raw.strip()
+    if raw.startswith("[") and raw.endswith("]"):
+        return [_parse_override_value(p) for p in _split_top_level(raw[1:-1])]
+    if raw.startswith("{"):
+        try:
+            value = yaml.safe_load(raw)
+            if isinstance(value, dict):
+                return value
+        except yaml.YAMLError:
+            pass
+        return raw
+    if "{" in raw or raw.startswith(("/", "pipe:", "http", "s3:", "gs:")):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _is_list_field(dotted: str) -> bool:
+    node: Any = TrainConfig
+    parts = dotted.strip().split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            return False
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return False
+        f = fields[part]
+        if i == len(parts) - 1:
+            return "list" in str(f.type).lower()
+        node = type(f.default_factory()) if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+    return False
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated, as a :class:`TrainConfig`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    base = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; the recipes are in configs/")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+        try:
+            base = OmegaConf.merge(base, OmegaConf.create(raw))
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(path)) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=1e-4 or data.urls=[a.tar,b.tar])")
+        key, raw_value = item.split("=", 1)
+        value = _parse_override_value(raw_value)
+        if isinstance(value, str) and _is_list_field(key):
+            value = [value]  # data.urls=/data/train-{0..9}.tar means a one-element list
+        nested: Any = value
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        try:
+            base = OmegaConf.merge(base, OmegaConf.create(nested))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override '{item}'") from None
+    try:
+        cfg: TrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise _explain(err, "config") from None
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_digest(cfg: TrainConfig) -> str:
+    """sha256 of the resolved config (sorted JSON), recorded in checkpoints and exports."""
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

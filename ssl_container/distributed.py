@@ -1,0 +1,146 @@
+"""One resolver for "who am I in this job": Slurm (srun/submitit), torchrun, or a single process.
+
+This is the only module that reads ``SLURM_*`` or ``RANK``-style variables. It also exports the
+variables DeepSpeed insists on (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), creates the
+process group (NCCL on GPUs, gloo on CPU) and applies SyncBatchNorm from outside the models.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistEnv", "resolve_env", "init_distributed", "cleanup", "expand_nodelist", "free_port",
+           "barrier", "is_main", "maybe_sync_batchnorm", "all_reduce_min"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand Slurm's compressed host list (``node[01-03,7],gpu5``) without calling scontrol."""
+    hosts: list[str] = []
+    # Split on commas that are not inside brackets.
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-")
+                hosts.extend(f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Rank and world from torchrun's variables, else Slurm's, else a single process.
+
+    torchrun (and submitit's ``TorchDistributedEnvironment().export()``) set RANK/WORLD_SIZE and
+    win; a bare ``srun`` sets only SLURM_*, from which the master address is the first node of the
+    job and the port derives from the job id, so every task computes the same rendezvous.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
+        job_id = int(env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")) or 0)
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=nodes[0],
+            master_port=20000 + job_id % 20000,
+            source="slurm",
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+
+
+def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_minutes: int = 30) -> DistEnv:
+    """Create the default process group (also for one process, so the code path is the same)."""
+    env = env or resolve_env()
+    os.environ.update(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return env
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_min(flag: bool, device: torch.device) -> bool:
+    """True only if ``flag`` is True on every rank (so all ranks take the same branch)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def maybe_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """SyncBatchNorm when several GPU ranks train a BatchNorm model: DINO's per-rank batches are
+    small, and per-rank statistics let the student cheat through the batch (dino.md). PyTorch's
+    SyncBatchNorm has no CPU kernel, so CPU ranks keep per-rank statistics (weights still agree)."""
+    if device.type == "cuda" and dist.is_initialized() and dist.get_world_size() > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

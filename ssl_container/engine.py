@@ -1,0 +1,196 @@
+"""The student inside a DeepSpeed engine, the EMA teacher beside it, and DeepSpeed's config dict.
+
+Choices that follow from DINO's structure (dino.md, local_slurm.md):
+
+* The teacher stays outside the engine in fp32: DeepSpeed's bf16/fp16 modes cast the whole wrapped
+  module, and the teacher must be an EMA of fp32 weights.
+* ``bf16`` is realised with DeepSpeed's ``torch_autocast`` mode, which keeps the parameters in fp32
+  (so the EMA reads them directly) and runs convolutions and matmuls in bf16. ``fp16`` uses
+  DeepSpeed's loss-scaled fp16 mode, whose fp32 master weights are fetched for the EMA.
+* The optimizer is plain ``torch.optim.AdamW``/``SGD`` (fused/foreach kernels) handed to DeepSpeed,
+  so nothing is JIT-compiled; the schedules write lr and weight decay into its groups every step.
+* Checkpoints are read back with ``torch.load(weights_only=True)``, allowing only the few DeepSpeed
+  classes its own files contain: resuming never unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ssl_container.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "select_device",
+    "effective_precision",
+    "build_deepspeed_config",
+    "build_optimizer",
+    "initialize_engine",
+    "make_teacher",
+    "ema_update",
+    "autocast_context",
+]
+
+
+def select_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
+    want = cfg.engine.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("engine.device=cuda but no CUDA device is visible; use engine.device=cpu or auto")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """bf16/fp16 need an accelerator to pay off (DeepSpeed refuses fp16 on CPU): fall back to fp32."""
+    precision = cfg.engine.precision
+    if device.type == "cpu" and precision != "fp32":
+        log.info("engine.precision=%s requested on CPU: training in fp32 instead", precision)
+        return "fp32"
+    return precision
+
+
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+    """DeepSpeed's JSON config, generated from the run config (saved beside it in the run folder)."""
+    precision = effective_precision(cfg, device)
+    micro = cfg.data.batch_size
+    accum = cfg.engine.grad_accum_steps
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(cfg.optim.clip_grad),
+        "zero_optimization": {
+            "stage": cfg.engine.zero_stage,
+            # Optimizer states saved so they can be re-partitioned for another number of ranks.
+            **({"elastic_checkpoint": True} if cfg.engine.zero_stage in (1, 2) else {}),
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own metrics log; keep DeepSpeed's console quiet
+        "wall_clock_breakdown": False,
+        "checkpoint": {"tag_validation": "Warn"},
+    }
+    if precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
+    return ds
+
+
+def build_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"
+    # DeepSpeed's elastic ZeRO checkpoints record a per-group "step" (its own optimizers keep one);
+    # torch's keep it per parameter, so give the groups a placeholder for the format's sake.
+    for group in param_groups:
+        group.setdefault("step", 0)
+    if cfg.optim.optimizer == "adamw":
+        kwargs: dict[str, Any] = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        kwargs["fused" if fused else "foreach"] = True
+        return torch.optim.AdamW(param_groups, **kwargs)
+    return torch.optim.SGD(param_groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, foreach=True)
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed's own checkpoint files pickle besides tensors and containers."""
+    found: list[Any] = []
+    candidates = [
+        ("deepspeed.runtime.fp16.loss_scaler", ("LossScaler", "DynamicLossScaler")),
+        ("deepspeed.runtime.zero.config", ("ZeroStageEnum",)),
+        ("deepspeed.utils.tensor_fragment", ("fragment_address",)),
+        ("deepspeed.checkpoint.constants", ()),
+    ]
+    import importlib
+
+    for module_name, names in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        found.extend(getattr(module, n) for n in names if hasattr(module, n))
+    return found
+
+
+def _install_safe_checkpoint_engine(engine: Any) -> None:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    allowed = _deepspeed_safe_globals()
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):  # noqa: D401 - DeepSpeed's signature
+            with torch.serialization.safe_globals(allowed):
+                try:
+                    return torch.load(path, map_location=map_location, weights_only=True)
+                except Exception as err:  # pickle errors come in several types
+                    raise RuntimeError(
+                        f"refusing to load checkpoint file {path}: it is not loadable with weights_only=True "
+                        f"({str(err).splitlines()[0][:200]}). Only checkpoints written by ssl_container's "
+                        "trainer are resumed; start a fresh run_dir to train from scratch."
+                    ) from None
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
+def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[dict[str, Any]], device: torch.device, world_size: int):
+    """``deepspeed.initialize`` on an already created process group; returns (engine, optimizer, ds_config)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute on 2
+        # cores) that only its inference path uses; training all-reduces go through gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds_config = build_deepspeed_config(cfg, world_size, device)
+    optimizer = build_optimizer(cfg, param_groups, device)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=student, optimizer=optimizer, config=ds_config, dist_init_required=False
+    )
+    _install_safe_checkpoint_engine(engine)
+    return engine, optimizer, ds_config
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """An fp32 copy of the student that never receives gradients. It stays in train mode during
+    training: with BatchNorm backbones DINO's teacher normalises with its batch statistics."""
+    teacher = copy.deepcopy(student).float()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _fp32_source_params(engine: Any, names: Iterable[str]) -> list[torch.Tensor]:
+    params = dict(engine.module.named_parameters())
+    out = []
+    for name in names:
+        p = params[name]
+        if p.dtype == torch.float32:
+            out.append(p.detach())
+        else:  # fp16 mode: the fp32 master copy lives in the optimizer
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            out.append(safe_get_full_fp32_param(p).detach())
+    return out
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, engine: Any, momentum: float) -> None:
+    """teacher = m * teacher + (1 - m) * student, on all parameters at once (foreach kernels).
+    Parameters only: buffers (BatchNorm statistics) are the teacher's own, as in DINO."""
+    names, t_params = zip(*teacher.named_parameters())
+    s_params = _fp32_source_params(engine, names)
+    torch._foreach_mul_(list(t_params), momentum)
+    torch._foreach_add_(list(t_params), s_params, alpha=1.0 - momentum)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The teacher's forward precision, matching the student's (the engine autocasts the student)."""
+    if precision in ("bf16", "fp16") and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, enabled=False)

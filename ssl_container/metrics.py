@@ -1,0 +1,160 @@
+"""Run logging: ``metrics.jsonl`` every step, TensorBoard when installed, a progress bar or plain
+lines on rank 0, and PNG curves at the end.
+
+``metrics.jsonl`` is append-only: a resumed run appends a ``{"event": "resume"}`` line and then
+re-logs the steps after its checkpoint, so readers take the last record of each step
+(:func:`read_metrics`). Nothing written before a crash is ever rewritten.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_run"]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Step records in step order, the last record winning for steps logged twice (resume)."""
+    by_step: dict[int, dict[str, Any]] = {}
+    path = Path(path)
+    if not path.is_file():
+        return []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a hard kill
+            continue
+        if "step" in rec and "event" not in rec:
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, start_step: int, every: int,
+                 tensorboard: bool = True, progress: str = "auto") -> None:
+        self.enabled = enabled
+        self.every = every
+        self.total = total_steps
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a")
+        if start_step > 0:
+            self.event("resume", step=start_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
+            except Exception:  # tensorboard is optional
+                self._tb = None
+        mode = progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def event(self, name: str, **fields: Any) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
+            self._file.flush()
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: _clean(v) for k, v in values.items()}}
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", lr=f"{rec.get('lr', 0):.2e}")
+        elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
+            parts = [f"step {step}/{self.total}"] + [
+                f"{k} {v:.4g}" for k, v in rec.items()
+                if k in ("loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s", "data_wait")
+                and isinstance(v, (int, float))
+            ]
+            print(" | ".join(parts), flush=True)
+
+    def scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
+        """Evaluation results (online k-NN) into the same log and TensorBoard."""
+        self.event(prefix, step=step, **values)
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the information as text
+    return v
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Loss and schedule curves of a run as one PNG (``RUN/training_curves.png``)."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "DINO loss"), ("lr", "learning rate"), ("wd", "weight decay"),
+              ("momentum", "teacher momentum"), ("teacher_temp", "teacher temperature"),
+              ("grad_norm", "gradient norm (global)"), ("images_per_s", "images / s"), ("data_wait", "data-wait fraction")]
+    panels = [(k, t) for k, t in panels if any(isinstance(r.get(k), (int, float)) for r in records)]
+    cols = 2
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.6 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        xs, ys = _series(records, key)
+        ax.plot(xs, ys, lw=1.2)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{run_dir.name}: {len(records)} steps", fontsize=11)
+    fig.tight_layout()
+    out = Path(out) if out else run_dir / "training_curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)):
+            xs.append(r["step"])
+            ys.append(v)
+    return xs, ys
