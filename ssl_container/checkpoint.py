@@ -124,10 +124,14 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         if D.is_main():
             _save_safetensors(teacher.state_dict(), folder / "teacher.safetensors")
+            _save_safetensors({"center": center}, folder / "dino_state.safetensors")
             _save_safetensors(engine.module.state_dict(), folder / "student.safetensors")
             meta = {**self.meta, "step": state.step, "epoch": state.epoch, "world_size": _world_size(),
                     "train_state": asdict(state)}
             atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+        if os.environ.get("SSL_CONTAINER_FAULT_KILL_IN_SAVE") == str(state.step) and D.is_main():
+            # Fault injection for the atomicity test: die after the files, before the pointer moves.
+            os.kill(os.getpid(), 9)
         D.barrier()  # every rank's DeepSpeed files are on disk before the pointer moves
         if D.is_main():
             atomic_write_text(self.root / "latest", tag)
@@ -141,13 +145,42 @@ class CheckpointManager:
         doomed = set(complete[: -self.keep_last]) | {t for t in tags if t not in complete}
         for t in doomed - {keep}:
             shutil.rmtree(self.root / t, ignore_errors=True)
+            shutil.rmtree(self.root / f"{t}_universal", ignore_errors=True)
 
     # -- resume ------------------------------------------------------------------------------------
     def latest(self) -> str | None:
         return read_latest(self.root) if self.root.is_dir() else None
 
-    def load(self, engine: Any, teacher: nn.Module, center: torch.Tensor) -> TrainState | None:
+    def peek(self) -> dict[str, Any] | None:
+        """meta.json of the newest complete checkpoint, without loading anything."""
+        tag = self.latest()
+        return json.loads((self.root / tag / "meta.json").read_text()) if tag else None
+
+    def needs_universal(self, world_size: int, zero_stage: int) -> bool:
+        """ZeRO-1/2 optimizer states are partitioned per rank: another world size needs DeepSpeed's
+        universal format (converted once, beside the step folder)."""
+        meta = self.peek()
+        return bool(meta) and zero_stage in (1, 2) and meta.get("world_size", world_size) != world_size
+
+    def prepare_universal(self) -> None:
+        """Collective. Rank 0 converts the latest checkpoint to the universal format if needed."""
+        from ssl_container.engine import convert_to_universal
+
+        tag = self.latest()
+        target = self.root / f"{tag}_universal"
+        if D.is_main() and not (target / "zero").is_dir():
+            log.info("converting %s to DeepSpeed's universal format for a new world size", tag)
+            tmp = self.root / f".{tag}_universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_to_universal(self.root / tag, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+        D.barrier()
+
+    def load(self, engine: Any, teacher: nn.Module, center: torch.Tensor, universal: bool = False) -> TrainState | None:
         """Restore from the newest complete checkpoint; ``None`` when there is none."""
+        from ssl_container.engine import weights_only_loads
+
         tag = self.latest()
         if tag is None:
             return None
@@ -160,13 +193,15 @@ class CheckpointManager:
         D.barrier()
         meta = json.loads((folder / "meta.json").read_text())
         self._check_compatible(meta, folder)
-        load_path, client = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=True)
+        with weights_only_loads():
+            load_path, client = engine.load_checkpoint(str(self.root), tag=f"{tag}_universal" if universal else tag,
+                                                       load_module_strict=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {folder}; its files may be damaged. Remove {folder} "
                                f"and point {self.root / 'latest'} at an older step folder to resume from there.")
         teacher.load_state_dict(load_file(str(folder / "teacher.safetensors"), device="cpu"), strict=True)
-        center.copy_(client["center"].to(center.device))
-        state = TrainState(**client["train_state"])
+        center.copy_(load_file(str(folder / "dino_state.safetensors"))["center"].to(center.device))
+        state = TrainState(**meta["train_state"])
         log.info("resumed from %s (step %d, epoch %d)", folder, state.step, state.epoch)
         return state
 

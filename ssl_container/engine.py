@@ -14,6 +14,7 @@ Choices that follow from DINO's structure (dino.md, local_slurm.md):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -56,7 +57,8 @@ def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
     return precision
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device,
+                           load_universal: bool = False) -> dict[str, Any]:
     """DeepSpeed's JSON config, generated from the run config (saved beside it in the run folder)."""
     precision = effective_precision(cfg, device)
     micro = cfg.data.batch_size
@@ -69,12 +71,12 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
         "zero_optimization": {
             "stage": cfg.engine.zero_stage,
             # Optimizer states saved so they can be re-partitioned for another number of ranks.
-            **({"elastic_checkpoint": True} if cfg.engine.zero_stage in (1, 2) else {}),
         },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own metrics log; keep DeepSpeed's console quiet
         "wall_clock_breakdown": False,
-        "checkpoint": {"tag_validation": "Warn"},
+        # A universal checkpoint re-partitions ZeRO optimizer states for another number of ranks.
+        "checkpoint": {"tag_validation": "Warn", "load_universal": load_universal},
     }
     if precision == "bf16":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
@@ -123,21 +125,24 @@ def _install_safe_checkpoint_engine(engine: Any) -> None:
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):  # noqa: D401 - DeepSpeed's signature
-            with torch.serialization.safe_globals(allowed):
-                try:
-                    return torch.load(path, map_location=map_location, weights_only=True)
-                except Exception as err:  # pickle errors come in several types
-                    raise RuntimeError(
-                        f"refusing to load checkpoint file {path}: it is not loadable with weights_only=True "
-                        f"({str(err).splitlines()[0][:200]}). Only checkpoints written by ssl_container's "
-                        "trainer are resumed; start a fresh run_dir to train from scratch."
-                    ) from None
+            # Process-wide, not a scoped safe_globals(): leaving a scope removes the classes again,
+            # also for the loads DeepSpeed makes outside this engine.
+            torch.serialization.add_safe_globals(allowed)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as err:  # pickle errors come in several types
+                raise RuntimeError(
+                    f"refusing to load checkpoint file {path}: it is not loadable with weights_only=True "
+                    f"({str(err).splitlines()[0][:200]}). Only checkpoints written by ssl_container's "
+                    "trainer are resumed; start a fresh run_dir to train from scratch."
+                ) from None
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
-def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[dict[str, Any]], device: torch.device, world_size: int):
+def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[dict[str, Any]], device: torch.device,
+                      world_size: int, load_universal: bool = False):
     """``deepspeed.initialize`` on an already created process group; returns (engine, optimizer, ds_config)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -147,13 +152,41 @@ def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[d
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute on 2
         # cores) that only its inference path uses; training all-reduces go through gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    ds_config = build_deepspeed_config(cfg, world_size, device)
+    ds_config = build_deepspeed_config(cfg, world_size, device, load_universal)
     optimizer = build_optimizer(cfg, param_groups, device)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     _install_safe_checkpoint_engine(engine)
     return engine, optimizer, ds_config
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every ``torch.load`` inside (DeepSpeed's included) runs with ``weights_only=True``, allowing
+    only the DeepSpeed classes its own checkpoint files contain."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    torch.serialization.add_safe_globals(_deepspeed_safe_globals())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def convert_to_universal(step_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """DeepSpeed's ZeRO checkpoint -> its universal format (needed to resume on another world size)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(out_dir), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with weights_only_loads():
+        ds_to_universal.main(args)
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import hashlib
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -76,6 +77,10 @@ def _disable_drop_path(model: nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
+# Steps whose loss is replaced by NaN, to exercise the skip/stop logic end to end (tests only).
+_FAULT_NAN_STEPS = {int(s) for s in os.environ.get("SSL_CONTAINER_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     # Reseeding per step makes dropout / drop-path independent of what ran before: a resumed run
     # draws exactly what the uninterrupted run drew, on any number of restarts.
@@ -128,18 +133,21 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
         teacher_temp_end=cfg.dino.teacher_temp, warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs,
         freeze_last_layer=cfg.dino.freeze_last_layer,
     )
-    no_wd = {f"backbone.{n}" for n in getattr(student.backbone, "no_weight_decay", lambda: set())()}
-    engine, optimizer, ds_config = initialize_engine(cfg, student, get_param_groups(student, no_wd), device, env.world_size)
-    if env.is_main:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
-
-    # --- resume -----------------------------------------------------------------------------------
+    # --- engine and resume --------------------------------------------------------------------------
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, meta={
         "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
         "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
         "config_sha256": config_digest(cfg),
     })
-    state = (ckpt.load(engine, teacher, dino_loss.center) if cfg.checkpoint.resume else None) or TrainState()
+    universal = cfg.checkpoint.resume and ckpt.needs_universal(env.world_size, cfg.engine.zero_stage)
+    if universal:
+        ckpt.prepare_universal()
+    no_wd = {f"backbone.{n}" for n in getattr(student.backbone, "no_weight_decay", lambda: set())()}
+    engine, optimizer, ds_config = initialize_engine(cfg, student, get_param_groups(student, no_wd), device,
+                                                     env.world_size, load_universal=universal)
+    if env.is_main:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+    state = (ckpt.load(engine, teacher, dino_loss.center, universal) if cfg.checkpoint.resume else None) or TrainState()
     total_steps = min(sched.total_iters, cfg.max_steps or sched.total_iters)
     metrics = MetricsLogger(run_dir, env.is_main, total_steps, state.step, cfg.logging.every_steps,
                             cfg.logging.tensorboard, cfg.logging.progress)
@@ -182,10 +190,29 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
     finally:
         _close(batches)
         metrics.close()
+    digests = _rank_digests(engine.module)
     curves = plot_run(run_dir) if env.is_main else None
     summary = {"run_dir": str(run_dir), "steps": state.step, "skipped_steps": state.skipped_steps,
-               "checkpoint": str(ckpt.root / (ckpt.latest() or "")), "curves": str(curves) if curves else None}
+               "checkpoint": str(ckpt.root / (ckpt.latest() or "")), "curves": str(curves) if curves else None,
+               "ranks_in_sync": len(set(digests)) == 1, "student_sha256_per_rank": digests}
+    if env.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        if not summary["ranks_in_sync"]:
+            log.error("student weights differ across ranks at the end of training: %s", digests)
     return summary
+
+
+def _rank_digests(module: nn.Module) -> list[str]:
+    """sha256 of the student's parameters on every rank: data parallelism must keep them identical."""
+    h = hashlib.sha256()
+    for _, p in sorted(module.named_parameters()):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [digest]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, digest)
+    return out
 
 
 def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batches, accum, device, precision, env) -> dict:
@@ -196,6 +223,9 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
     t0 = time.perf_counter()
     wait = 0.0
     losses, finite_all, images = [], True, 0
+    # BatchNorm statistics move in every forward; a skipped step must leave them untouched too.
+    buffers = [b for m in (teacher, engine.module) for b in m.buffers()]
+    buffers_before = [b.clone() for b in buffers]
     for micro in range(accum):
         w0 = time.perf_counter()
         batch = next(batches)
@@ -211,6 +241,8 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
         student_out = engine(crops)
         center_before = dino_loss.center.clone()
         loss = dino_loss(student_out, teacher_out, teacher_temp)
+        if it in _FAULT_NAN_STEPS:  # fault injection for the tests of the non-finite path
+            loss = loss * float("nan")
         # Every rank must take the same branch, or the gradient all-reduce waits forever.
         finite = D.all_reduce_min(bool(torch.isfinite(loss).item()), device)
         if not finite:
@@ -226,6 +258,8 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
         ema_update(teacher, engine, momentum)
         state.consecutive_nonfinite = 0
     else:
+        for b, saved in zip(buffers, buffers_before):
+            b.copy_(saved)
         state.skipped_steps += 1
         state.consecutive_nonfinite += 1
     state.step += 1

@@ -1,0 +1,78 @@
+"""Typed configs: defaults, YAML + overrides, and errors that name the key and the fix."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_container.config import ConfigError, TrainConfig, config_digest, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_dino_recipe():
+    cfg = load_config()
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs) == (5e-4, 1e-6, 10)
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
+    assert (cfg.dino.teacher_temp, cfg.dino.student_temp, cfg.dino.momentum_teacher) == (0.04, 0.1, 0.996)
+    assert (cfg.data.crops.n_global, cfg.data.crops.global_size, cfg.data.crops.n_local, cfg.data.crops.local_size) == (2, 224, 8, 96)
+    assert cfg.data.crops.global_scale == [0.4, 1.0] and cfg.data.crops.local_scale == [0.05, 0.4]
+    assert cfg.head.out_dim == 65536 and cfg.engine.zero_stage == 1
+
+
+def test_yaml_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 17\noptim:\n  lr: 0.001\ndata:\n  urls: ['/d/train-{000000..000009}.tar']\n")
+    cfg = load_config(recipe, ["optim.lr=2e-3", "data.crops.local_size=32", "model.kwargs={img_size: 64}",
+                               "data.urls=[/a/x-{0..3}.tar,/b/y-{0..1}.tar]", "data.weights=[1,3]"])
+    assert cfg.epochs == 17 and cfg.optim.lr == 2e-3 and cfg.data.crops.local_size == 32
+    assert cfg.model.kwargs == {"img_size": 64}
+    assert cfg.data.urls == ["/a/x-{0..3}.tar", "/b/y-{0..1}.tar"] and cfg.data.weights == [1.0, 3.0]
+    # a single brace pattern is a one-element list
+    assert load_config(None, ["data.urls=/d/t-{0..9}.tar"]).data.urls == ["/d/t-{0..9}.tar"]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.lrr=1", r"unknown config key 'optim.lrr'.*Allowed keys here: optimizer, lr"),
+        ("bogus=1", r"unknown config key 'bogus'"),
+        ("optim.lr=abc", r"bad value for 'optim.lr'"),
+        ("engine.precision=fp8", r"'engine.precision' is 'fp8'; allowed values: fp32, bf16, fp16"),
+        ("engine.zero_stage=3", r"'engine.zero_stage' is 3; allowed values: 0, 1, 2"),
+        ("epochs=0", r"'epochs' must be > 0"),
+        ("data.crops.global_scale=[0.5,0.1]", r"data.crops.global_scale"),
+        ("optim.lr", r"not key=value"),
+    ],
+)
+def test_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown\.yaml: unknown config key 'optim.learning_rate'"):
+        load_config(unknown)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-4", "data.urls=[/x/{0..1}.tar]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and config_digest(again) == config_digest(cfg)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 3e-4
+
+
+def test_shipped_recipes_load():
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"container_light_imagenet", "vit_small_imagenet", "imagenette", "cifar10", "demo"}
+    for path in recipes:
+        load_config(path)
