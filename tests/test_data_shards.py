@@ -1,0 +1,130 @@
+"""`ssl-container shards write|verify`: round trip, reproducibility, re-runs, corrupted shards."""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from ssl_container.cli import main
+from ssl_container.data.shards import verify_shards, write_shards
+from ssl_container.data.sources import expand_urls
+from ssl_container.data.testing import real_jpegs, shared_data_dir, synthetic_jpeg
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An ImageFolder of 23 images in 3 classes: real Imagenette JPEGs when ../shared/data is there."""
+    real = real_jpegs(23)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for i in range(23):
+        cls = ["apple", "banana", "cherry"][i % 3]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        data = real[i][1] if real else synthetic_jpeg(rng, 40 + i, 50)
+        (root / cls / f"img{i:03d}.JPEG").write_bytes(data)
+    (root / "apple" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _tar_keys(path):
+    with tarfile.open(path) as tf:
+        return [m.name for m in tf]
+
+
+def test_folder_round_trip(image_folder, tmp_path, capsys):
+    out = tmp_path / "shards"
+    rc = main(["shards", "write", str(image_folder), str(out), "--max-count", "5", "--seed", "3", "--name", "fruit"])
+    assert rc == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["classes"] == ["apple", "banana", "cherry"]
+    split = meta["splits"]["train"]
+    assert split["num_samples"] == 23 and split["num_shards"] == 5 and split["shard_samples"] == [5, 5, 5, 5, 3]
+    files = [os.path.basename(u) for u in expand_urls(str(out / split["shards"]))]
+    assert sorted(meta["sha256"]) == files
+    names = [n for f in files for n in _tar_keys(out / f)]
+    assert len(names) == 46 and names[0] == "fruit_train_000000.cls" and names[1] == "fruit_train_000000.jpg"
+    # shuffled: the labels (class-major in the folder) are mixed in the first shard
+    with tarfile.open(out / files[0]) as tf:
+        labels = [int(tf.extractfile(m).read()) for m in tf if m.name.endswith(".cls")]
+    assert len(set(labels)) > 1
+    capsys.readouterr()
+    assert main(["shards", "verify", str(out)]) == 0
+    assert "OK: 5 shards, 23 samples, 0 problems" in capsys.readouterr().out
+
+
+def test_rerun_is_reproducible_and_replaces_stale_shards(image_folder, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(str(image_folder), str(out), max_count=4, seed=1)
+    first = json.loads((out / "dataset.json").read_text())
+    (out / ".train-000003.tar.x1y2.tmp").write_bytes(b"half a shard from a killed run")
+    write_shards(str(image_folder), str(out), max_count=4, seed=1)  # same inputs: same bytes
+    assert not (out / ".train-000003.tar.x1y2.tmp").exists()
+    assert json.loads((out / "dataset.json").read_text())["sha256"] == first["sha256"]
+    entry = write_shards(str(image_folder), str(out), max_count=10, seed=1)  # fewer shards now
+    assert entry["num_shards"] == 3
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train-000000.tar", "train-000001.tar",
+                                                     "train-000002.tar"]
+    # a second split lives beside the first
+    write_shards(str(image_folder), str(out), split="val", max_count=100, seed=2)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert set(meta["splits"]) == {"train", "val"} and len(meta["sha256"]) == 4
+    assert verify_shards(str(out)).ok
+
+
+def test_byte_limit_file_list_and_reshard(image_folder, tmp_path):
+    lst = tmp_path / "list.txt"
+    paths = sorted(image_folder.glob("*/*.JPEG"))
+    lst.write_text("# path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in paths))
+    out = tmp_path / "from_list"
+    limit = 10240 * (sum(p.stat().st_size for p in paths) // 10240 // 4 + 2)
+    entry = write_shards(str(lst), str(out), max_bytes=limit, max_count=1000)
+    assert entry["num_shards"] >= 3 and sum(entry["shard_samples"]) == 23
+    assert all(f.stat().st_size <= limit for f in out.glob("*.tar"))
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["classes"] == ["apple", "banana", "cherry"]
+    # existing shards -> fewer, reshuffled shards; keys and labels survive
+    again = tmp_path / "again"
+    write_shards(str(out / entry["shards"]), str(again), max_count=10, seed=5)
+    report = verify_shards(str(again))
+    assert report.ok and report.to_dict()["num_samples"] == 23
+    keys = {n.split(".")[0] for f in sorted(again.glob("*.tar")) for n in _tar_keys(f)}
+    assert keys == {n.split(".")[0] for f in sorted(out.glob("*.tar")) for n in _tar_keys(f)}
+
+
+def test_verify_reports_corruption_by_shard_and_key(image_folder, tmp_path, capsys):
+    out = tmp_path / "shards"
+    write_shards(str(image_folder), str(out), max_count=8)
+    victim = out / "train-000001.tar"
+    with tarfile.open(victim) as tf:
+        member = next(m for m in tf if m.name.endswith(".jpg"))
+    raw = bytearray(victim.read_bytes())
+    start = member.offset_data + 200  # overwrite the middle of the JPEG's entropy-coded data
+    raw[start:start + member.size - 400] = b"\x00" * (member.size - 400)
+    raw[member.offset_data + member.size - 2:member.offset_data + member.size] = b"\x00\x00"  # no EOI marker
+    victim.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["shards", "verify", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "kind=sha256_mismatch" in text and str(victim) in text
+    key = member.name.split(".")[0]
+    assert f"key={key} kind=corrupt_image" in text
+    report = verify_shards(str(out), decode=False)  # digests alone still catch it
+    assert [p["kind"] for p in report.problems] == ["sha256_mismatch"]
+    # a missing shard and a truncated one
+    (out / "train-000002.tar").unlink()
+    data = (out / "train-000000.tar").read_bytes()
+    (out / "train-000000.tar").write_bytes(data[: len(data) // 2])
+    kinds = {p["kind"] for p in verify_shards(str(out)).problems}
+    assert {"missing_shard", "truncated_shard", "count_mismatch", "sha256_mismatch"} <= kinds
+
+
+@pytest.mark.data
+def test_verify_shared_cifar_test_split():
+    root = shared_data_dir()
+    if root is None or not (root / "cifar10" / "dataset.json").exists():
+        pytest.skip("../shared/data/cifar10 is absent (set SSL_CONTAINER_DATA or provide ../shared/data)")
+    report = verify_shards(str(root / "cifar10" / "test-000001.tar.gz"), decode=False)
+    assert report.ok and report.shards[0]["sha256_ok"] is True and report.shards[0]["samples"] == 5000
