@@ -1,0 +1,556 @@
+"""Export a trained backbone as fp32 safetensors + JSON metadata, and load it back for fine-tuning.
+
+What can be read (by :func:`export`, :func:`load_backbone` and :func:`read_checkpoint`):
+
+* a run folder (``config.yaml`` + ``checkpoints/latest``): the newest complete checkpoint;
+* a step folder (``checkpoints/step_00000100/``): our consolidated ``teacher.safetensors`` /
+  ``student.safetensors`` (keys ``backbone.*`` and ``head.*``) and ``meta.json``. DeepSpeed's own
+  files in that folder are never opened;
+* an exported folder (``backbone.safetensors`` + ``meta.json``) or any ``.safetensors`` file;
+* a ``.pth`` / ``.pt`` / ``.pth.tar`` file that ``torch.load(weights_only=True)`` can read, e.g. an
+  official DINO checkpoint (``teacher`` / ``student`` / ``model`` entries, ``module.`` and
+  ``backbone.`` prefixes) or the official allenai/container checkpoint (its key names are converted).
+
+Anything else is refused with :class:`CheckpointRefused` naming the file and what is accepted: other
+extensions, and pickles that would need ``weights_only=False`` (arbitrary code on load).
+
+The export folder::
+
+    DIR/backbone.safetensors    fp32 backbone, this project's key names, no classifier
+    DIR/meta.json               architecture + arguments, source, which, step, config digest,
+                                evaluation results when known, sha256 of every weights file
+    DIR/dino_head.safetensors   optional: the DINO projection head (keys as in DINOHead.state_dict())
+
+``backbone.safetensors`` loads in timm without this package's loader::
+
+    timm.create_model("container_light", pretrained=True, num_classes=0,
+                      pretrained_cfg_overlay=dict(file="DIR/backbone.safetensors"))
+
+(pass ``meta.json``'s ``model.kwargs`` too when the run changed the architecture), or with
+``load_backbone("DIR")``, which reads the architecture from ``meta.json`` itself.
+Every file is written to a temporary name and renamed into place; ``meta.json`` comes last, so a
+folder with a ``meta.json`` holds a complete export.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ACCEPTED",
+    "Checkpoint",
+    "CheckpointRefused",
+    "EXPORT_FORMAT",
+    "export",
+    "load_backbone",
+    "read_checkpoint",
+]
+
+EXPORT_FORMAT = "ssl_container.export/1"
+TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar")
+WHICH = ("teacher", "student")
+ACCEPTED = (
+    "a run folder (config.yaml + checkpoints/latest), a step folder (teacher.safetensors / "
+    "student.safetensors + meta.json), an exported folder (backbone.safetensors + meta.json), a "
+    ".safetensors file, or a .pth / .pt / .pth.tar file readable with torch.load(weights_only=True)"
+)
+# Arguments that describe how a model is built for a task, not the architecture of the backbone.
+_NOT_ARCHITECTURE = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "features_only")
+_DEFAULT_MODEL = "container_light"
+
+
+class CheckpointRefused(ValueError):
+    """The input is not something this module reads safely (wrong kind of file, unsafe pickle, ...)."""
+
+
+@dataclass
+class Checkpoint:
+    """One backbone's weights and what is known about them, whatever file they came from."""
+
+    backbone: dict[str, torch.Tensor]
+    model_name: str
+    model_kwargs: dict[str, Any]
+    source: dict[str, Any]
+    which: str | None = None
+    head: dict[str, torch.Tensor] | None = None
+    head_config: dict[str, Any] | None = None
+    step: int | None = None
+    epoch: int | None = None
+    config_sha256: str | None = None
+    eval: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_checkpoint(path: str | os.PathLike, which: str | None = None) -> Checkpoint:
+    """Read backbone (and DINO head) weights from anything in :data:`ACCEPTED`.
+
+    ``which`` picks ``"teacher"`` or ``"student"`` where the source holds both (default teacher);
+    where the source records that it holds the other one (an export, a step's student.safetensors)
+    it is an error; for a plain single-model file it is ignored.
+    Backbone keys come back in this project's names with any classifier removed.
+    """
+    if which is not None and which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or folder (expected {ACCEPTED})")
+    if p.is_dir():
+        if (p / "checkpoints").is_dir():
+            return _read_step_dir(_latest_step_dir(p), which, run_dir=p, kind="run")
+        if (p / "backbone.safetensors").is_file():
+            return _read_export_dir(p, which)
+        if _is_step_dir(p):
+            return _read_step_dir(p, which, run_dir=_run_dir_of_step(p), kind="step")
+        if (p / "config.yaml").is_file():
+            raise CheckpointRefused(f"{p}: run folder without a checkpoints/ folder: nothing saved yet")
+        raise CheckpointRefused(f"{p}: folder holds none of the expected files; accepted: {ACCEPTED}")
+    name = p.name.lower()
+    if name.endswith(".safetensors"):
+        return _read_safetensors_file(p, which)
+    if name.endswith(TORCH_SUFFIXES):
+        return _read_torch_file(p, which)
+    raise CheckpointRefused(f"{p}: unsupported file type; accepted: {ACCEPTED}")
+
+
+def _is_step_dir(p: Path) -> bool:
+    return any((p / f"{w}.safetensors").is_file() for w in WHICH)
+
+
+def _run_dir_of_step(step_dir: Path) -> Path | None:
+    run = step_dir.parent.parent
+    return run if step_dir.parent.name == "checkpoints" and (run / "config.yaml").is_file() else None
+
+
+def _latest_step_dir(run_dir: Path) -> Path:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        raise CheckpointRefused(
+            f"{run_dir}: run folder without checkpoints/latest, so it has no complete checkpoint yet; "
+            "pass a step folder (checkpoints/step_XXXXXXXX) explicitly if you know one is complete"
+        )
+    name = latest.read_text().strip()
+    step_dir = run_dir / "checkpoints" / name
+    if not name or "/" in name or not step_dir.is_dir():
+        raise CheckpointRefused(f"{latest}: names {name!r}, which is not a folder in {run_dir / 'checkpoints'}")
+    return step_dir
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointRefused(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointRefused(f"{path}: expected a JSON object")
+    return data
+
+
+def _model_from_meta(meta: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    model = (meta or {}).get("model") or {}
+    if isinstance(model, str):
+        return model, {}
+    return model.get("name") or _DEFAULT_MODEL, _architecture_kwargs(model.get("kwargs") or {})
+
+
+def _architecture_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dict(kwargs).items() if k not in _NOT_ARCHITECTURE}
+
+
+def _run_config(run_dir: Path | None) -> tuple[tuple[str, dict[str, Any]] | None, str | None]:
+    """The model section and the sha256 of ``config.yaml`` of a run folder (None when absent)."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None, None
+    raw = (run_dir / "config.yaml").read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(raw) or {}
+    except Exception:  # an unreadable config still has a digest
+        return None, digest
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return (_model_from_meta({"model": model}) if model else None), digest
+
+
+def _pick_which(which: str | None, available: list[str], where: Path) -> str:
+    if not available:
+        raise CheckpointRefused(f"{where}: holds neither teacher.safetensors nor student.safetensors")
+    want = which or ("teacher" if "teacher" in available else available[0])
+    if want not in available:
+        raise CheckpointRefused(f"{where}: has no {want} weights (found: {', '.join(available)})")
+    return want
+
+
+def _read_step_dir(step_dir: Path, which: str | None, run_dir: Path | None, kind: str) -> Checkpoint:
+    available = [w for w in WHICH if (step_dir / f"{w}.safetensors").is_file()]
+    which = _pick_which(which, available, step_dir)
+    weights = step_dir / f"{which}.safetensors"
+    ckpt = _from_state_dict(_load_safetensors(weights), weights)
+    meta = _read_json(step_dir / "meta.json")
+    run_model, run_digest = _run_config(run_dir)
+    if meta and meta.get("model"):
+        ckpt.model_name, ckpt.model_kwargs = _model_from_meta(meta)
+    elif run_model:
+        ckpt.model_name, ckpt.model_kwargs = run_model
+    else:
+        ckpt.notes.append("architecture not recorded in the checkpoint; assumed container_light defaults")
+    meta = meta or {}
+    ckpt.which = which
+    ckpt.step, ckpt.epoch = meta.get("step"), meta.get("epoch")
+    if ckpt.step is None and (m := re.fullmatch(r"step_(\d+)", step_dir.name)):
+        ckpt.step = int(m.group(1))
+    ckpt.config_sha256 = meta.get("config_sha256") or run_digest
+    ckpt.eval = meta.get("eval") or None
+    if ckpt.head is not None:
+        ckpt.head_config = meta.get("head") or _infer_head_config(ckpt.head)
+    ckpt.source = {
+        "kind": kind,
+        "path": str(step_dir.resolve()),
+        "run": str(run_dir.resolve()) if run_dir else None,
+        "file": weights.name,
+    }
+    return ckpt
+
+
+def _read_export_dir(export_dir: Path, which: str | None) -> Checkpoint:
+    meta = _read_json(export_dir / "meta.json")
+    if meta is None:
+        raise CheckpointRefused(f"{export_dir}: backbone.safetensors without meta.json is an incomplete export")
+    if meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointRefused(f"{export_dir / 'meta.json'}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    exported_which = meta.get("which")
+    if which is not None and exported_which is not None and which != exported_which:
+        raise CheckpointRefused(f"{export_dir}: is an export of the {exported_which}, not the {which}")
+    weights = export_dir / "backbone.safetensors"
+    ckpt = _from_state_dict(_load_safetensors(weights), weights)
+    ckpt.model_name, ckpt.model_kwargs = _model_from_meta(meta)
+    ckpt.which = exported_which
+    ckpt.step, ckpt.epoch = meta.get("step"), meta.get("epoch")
+    ckpt.config_sha256, ckpt.eval = meta.get("config_sha256"), meta.get("eval")
+    head_file = export_dir / "dino_head.safetensors"
+    if head_file.is_file():
+        ckpt.head = _load_safetensors(head_file)
+        ckpt.head_config = (meta.get("dino_head") or {}).get("config") or _infer_head_config(ckpt.head)
+    ckpt.source = {"kind": "export", "path": str(export_dir.resolve()), "file": weights.name,
+                   "exported_from": meta.get("source")}
+    return ckpt
+
+
+def _read_safetensors_file(path: Path, which: str | None) -> Checkpoint:
+    parent = path.parent
+    if path.name == "backbone.safetensors" and (parent / "meta.json").is_file():
+        return _read_export_dir(parent, which)
+    stem = path.name[: -len(".safetensors")]
+    if stem in WHICH:
+        if which is not None and which != stem:
+            raise CheckpointRefused(f"{path}: holds the {stem}, not the {which}")
+        if (parent / "meta.json").is_file():
+            return _read_step_dir(parent, stem, run_dir=_run_dir_of_step(parent), kind="step")
+    ckpt = _from_state_dict(_load_safetensors(path), path)
+    ckpt.head_config = _infer_head_config(ckpt.head) if ckpt.head else None
+    ckpt.which = stem if stem in WHICH else None
+    ckpt.source = {"kind": "safetensors", "path": str(path.resolve())}
+    return ckpt
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointRefused(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _read_torch_file(path: Path, which: str | None) -> Checkpoint:
+    try:
+        # weights_only: tensors, containers and plain values only; an argparse.Namespace (official
+        # DINO checkpoints store their arguments as one) is a plain attribute bag and is allowed too.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].strip() or "unpickling failed"
+        detail = detail.split(". Please use")[0]
+        unsafe = "Unsupported global" in text
+        raise CheckpointRefused(
+            f"{path}: refused, torch.load(weights_only=True) cannot read it ({detail})"
+            + ("; it pickles Python objects, and loading it with weights_only=False would run arbitrary code. "
+               "Re-save only the tensors (torch.save(model.state_dict(), ...) or safetensors) and pass that"
+               if unsafe else "; it is damaged or not a torch file")
+            + f"; accepted: {ACCEPTED}"
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointRefused(f"{path}: not a readable torch file ({str(e).splitlines()[0] if str(e) else e!r}); accepted: {ACCEPTED}") from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointRefused(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors (a state_dict)")
+    picked = None
+    if any(k in obj for k in WHICH):
+        available = [w for w in WHICH if isinstance(obj.get(w), Mapping)]
+        picked = _pick_which(which, available, path)
+        state = obj[picked]
+    else:
+        # A single model: "which" has nothing to choose between and is not contradicted, so it is ignored.
+        state = next((obj[k] for k in ("model", "state_dict", "model_state_dict", "module") if isinstance(obj.get(k), Mapping)), obj)
+    ckpt = _from_state_dict(state, path)
+    ckpt.head_config = _infer_head_config(ckpt.head) if ckpt.head else None
+    ckpt.which = picked
+    ckpt.epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
+    ckpt.source = {"kind": "torch", "path": str(path.resolve())}
+    return ckpt
+
+
+def _from_state_dict(state: Mapping[str, Any], where: Path) -> Checkpoint:
+    """Split a state dict into backbone (our names, no classifier) and DINO head."""
+    from ssl_container.models import convert_official_state_dict, is_official_state_dict
+
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointRefused(f"{where}: expected a state_dict of tensors, but {bad[:3]} are not tensors")
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        flat[key] = value
+    head = None
+    notes = []
+    if any(k.startswith("backbone.") for k in flat):
+        backbone = {k[len("backbone."):]: v for k, v in flat.items() if k.startswith("backbone.")}
+        head = {k[len("head."):]: v for k, v in flat.items() if k.startswith("head.")} or None
+        other = [k for k in flat if not k.startswith(("backbone.", "head."))]
+        if other:
+            raise CheckpointRefused(f"{where}: unexpected keys {other[:5]} next to backbone.* and head.*")
+    else:
+        backbone = flat
+    if is_official_state_dict(backbone):
+        backbone = convert_official_state_dict(backbone)
+        notes.append("official allenai/container key names converted")
+    classifier = [k for k in backbone if k in ("head.weight", "head.bias")]
+    if classifier:
+        notes.append("classifier (head.weight, head.bias) left out: the export is the backbone only")
+        backbone = {k: v for k, v in backbone.items() if k not in classifier}
+    if not backbone:
+        raise CheckpointRefused(f"{where}: no backbone weights found")
+    return Checkpoint(backbone=backbone, model_name=_DEFAULT_MODEL, model_kwargs={}, source={},
+                      head=head, notes=notes)
+
+
+def _infer_head_config(head: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """What the shapes of a DINO head state dict tell: dims, layer count, BatchNorm."""
+    linears = sorted(
+        (int(k.split(".")[1]), v) for k, v in head.items()
+        if k.startswith("mlp.") and k.endswith(".weight") and v.ndim == 2
+    )
+    if not linears and "mlp.weight" in head:  # nlayers == 1: a bare Linear
+        linears = [(0, head["mlp.weight"])]
+    cfg: dict[str, Any] = {}
+    if linears:
+        cfg.update(in_dim=linears[0][1].shape[1], bottleneck_dim=linears[-1][1].shape[0], nlayers=len(linears))
+        if len(linears) > 1:
+            cfg["hidden_dim"] = linears[0][1].shape[0]
+        cfg["use_bn"] = any(k.endswith("running_mean") for k in head)
+    v = head.get("last_layer.parametrizations.weight.original1", head.get("last_layer.weight_v"))
+    if v is not None:
+        cfg["out_dim"] = v.shape[0]
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# building and loading
+
+
+def _build_and_load(ckpt: Checkpoint, model_name: str | None, model_kwargs: Mapping[str, Any]) -> nn.Module:
+    from ssl_container.models import create_model
+
+    name = model_name or ckpt.model_name
+    kwargs = {**ckpt.model_kwargs, **dict(model_kwargs)}
+    num_classes = kwargs.pop("num_classes", 0)
+    for k in ("pretrained", "pretrained_cfg_overlay"):
+        kwargs.pop(k, None)
+    model = create_model(name, num_classes=num_classes, **kwargs)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    state = {k: v for k, v in ckpt.backbone.items() if num_classes == 0 or not k.startswith(classifier + ".")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not (num_classes and k.startswith(classifier + "."))]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        def some(keys: list[str]) -> str:
+            return f"{len(keys)} {keys[:3]}{'...' if len(keys) > 3 else ''}"
+
+        raise ValueError(
+            f"the weights from {ckpt.source.get('path')} do not fit {name}({_fmt_kwargs(kwargs)}): "
+            f"missing {some(missing)}, unexpected {some(unexpected)}, shape mismatches (file vs model) "
+            f"{some(mismatched)}; pass the architecture the run was trained with (model name and arguments)"
+        )
+    model.load_state_dict(state, strict=not num_classes)
+    return model
+
+
+def _fmt_kwargs(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def load_backbone(
+    path: str | os.PathLike,
+    which: str | None = None,
+    *,
+    model_name: str | None = None,
+    **model_kwargs: Any,
+) -> nn.Module:
+    """A backbone with the weights at ``path`` (anything in :data:`ACCEPTED`), ready to fine-tune.
+
+    The architecture and its arguments come from the checkpoint's metadata (``container_light``
+    defaults when there is none); ``model_kwargs`` override them, e.g. ``num_classes=10`` for a
+    freshly initialised classifier or ``drop_path_rate=0.1``. Every backbone weight must fit
+    (strict); only a new classifier may be missing. ``which`` = ``"teacher"`` (default where a
+    source holds both) or ``"student"``.
+    """
+    ckpt = read_checkpoint(path, which)
+    return _build_and_load(ckpt, model_name, model_kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=dict(metadata))
+
+
+def _jsonable(value: Any) -> Any:
+    """Config values as JSON (tuples -> lists, tensors/numbers -> Python numbers)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def export(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    which: str | None = None,
+    *,
+    include_head: bool = False,
+    eval_results: Mapping[str, Any] | None = None,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out_dir/backbone.safetensors`` (fp32), ``meta.json`` and optionally ``dino_head.safetensors``.
+
+    ``which``: ``"teacher"`` (default where both exist; DINO's teacher is the better backbone) or
+    ``"student"``. ``eval_results`` are merged over those recorded in the checkpoint. The weights
+    are checked by building the architecture and loading them strictly before anything is written.
+    Returns ``out_dir``.
+    """
+    ckpt = read_checkpoint(source, which)
+    if include_head and not ckpt.head:
+        raise CheckpointRefused(f"{source}: has no DINO head weights (head.*) to export")
+    model = _build_and_load(ckpt, model_name, model_kwargs or {})
+    name = model_name or ckpt.model_name
+    arch_kwargs = _architecture_kwargs({**ckpt.model_kwargs, **dict(model_kwargs or {})})
+
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [f for f in ("meta.json", "backbone.safetensors", "dino_head.safetensors") if (out / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out}: already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace")
+
+    # The state the strict load produced: every floating tensor fp32, our key order.
+    state = {
+        k: (v.float() if v.is_floating_point() else v).detach().clone().contiguous()
+        for k, v in model.state_dict().items()
+    }
+    # Only {"format": "pt"} in the safetensors header: larger metadata is serialised in a random
+    # order, and identical weights should give an identical file (and sha256). meta.json has the rest.
+    backbone_bytes = _safetensors_bytes(state, {"format": "pt"})
+    files: dict[str, dict[str, Any]] = {
+        "backbone": {"file": "backbone.safetensors", "sha256": _sha256(backbone_bytes),
+                     "tensors": len(state), "parameters": sum(p.numel() for p in model.parameters()),
+                     "dtype": "float32"},
+    }
+    head_bytes = None
+    if include_head:
+        head = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt.head.items()}
+        head_bytes = _safetensors_bytes(head, {"format": "pt"})
+        files["dino_head"] = {"file": "dino_head.safetensors", "sha256": _sha256(head_bytes),
+                              "tensors": len(head), "config": _jsonable(ckpt.head_config or {})}
+
+    evals = {**(ckpt.eval or {}), **dict(eval_results or {})} or None
+    import ssl_container
+
+    meta = {
+        "format": EXPORT_FORMAT,
+        "model": {"name": name, "kwargs": _jsonable(arch_kwargs), "num_features": getattr(model, "num_features", None)},
+        "which": ckpt.which,
+        "step": ckpt.step,
+        "epoch": ckpt.epoch,
+        "config_sha256": ckpt.config_sha256,
+        "eval": _jsonable(evals) if evals else None,
+        "source": _jsonable(ckpt.source),
+        "weights": files["backbone"],
+        "dino_head": files.get("dino_head"),
+        "notes": ckpt.notes,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"ssl_container": ssl_container.__version__, "torch": torch.__version__},
+        "load": {
+            "timm": f"timm.create_model({name!r}, pretrained=True, num_classes=0, "
+                    "pretrained_cfg_overlay=dict(file='<DIR>/backbone.safetensors')"
+                    + (", **meta['model']['kwargs'])" if arch_kwargs else ")"),
+            "ssl_container": "ssl_container.export.load_backbone('<DIR>')",
+        },
+    }
+    _atomic_write(out / "backbone.safetensors", backbone_bytes)
+    if head_bytes is not None:
+        _atomic_write(out / "dino_head.safetensors", head_bytes)
+    elif (out / "dino_head.safetensors").exists():
+        os.unlink(out / "dino_head.safetensors")  # stale head from an earlier export into this folder
+    _atomic_write(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    return out

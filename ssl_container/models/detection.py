@@ -1,0 +1,231 @@
+"""Container-Light as a torchvision detection backbone: stage outputs -> FPN -> Faster R-CNN / RetinaNet.
+
+The setting of the Container paper's COCO experiments: the four stage outputs (64/128/320/512
+channels at strides 4/8/16/32) feed an FPN, BatchNorm is frozen, everything else is fine-tuned
+(AdamW, lr 1e-4, wd 0.05). Here:
+
+* :class:`ContainerFPNBackbone` follows torchvision's backbone contract: an ``out_channels``
+  attribute and a forward that returns an ``OrderedDict`` of FPN maps. BatchNorm2d layers become
+  ``torchvision.ops.FrozenBatchNorm2d`` (``norm="frozen_bn"``, the default; ``"bn"`` keeps them
+  trainable); ``freeze_at`` also freezes the early layers, counted as in detectron2: 0 nothing,
+  1 the stem (first patch embedding), k = 2..5 the stem and stages 1..k-1 (5: the whole body).
+  Inputs whose sides are not multiples of 32 are zero-padded at the bottom/right, which leaves box
+  coordinates unchanged.
+* :func:`fasterrcnn_container_light_fpn`: FPN on all four stages + a max-pooled P6 (torchvision's
+  ``LastLevelMaxPool``), RoIAlign on P2-P5.
+* :func:`retinanet_container_light_fpn`: FPN on stages 2-4 (strides 8-32) + P6/P7 computed from the
+  last stage output, as torchvision's and mmdetection's RetinaNet (the paper's RetinaNet used
+  mmdetection).
+
+Both builders set the detector's ``GeneralizedRCNNTransform.size_divisible`` to 32, so batches are
+padded to a multiple of the backbone's total stride. ``num_classes`` counts the background class
+as torchvision does (COCO's 80 categories mapped to 1..80 -> ``num_classes=81``); RetinaNet just
+never predicts label 0 then.
+
+``backbone_weights`` takes anything ``ssl_container.export.load_backbone`` reads (an exported DINO
+backbone, a run or step folder, the official supervised checkpoint), a ready backbone module, or
+None for random initialisation.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+__all__ = [
+    "ContainerFPNBackbone",
+    "convert_frozen_batchnorm",
+    "container_light_fpn_backbone",
+    "fasterrcnn_container_light_fpn",
+    "retinanet_container_light_fpn",
+]
+
+NORMS = ("frozen_bn", "bn")
+
+
+def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` in ``module`` by a ``FrozenBatchNorm2d`` with the same statistics."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            if module.affine:
+                frozen.weight.copy_(module.weight)
+                frozen.bias.copy_(module.bias)
+            if module.track_running_stats:
+                frozen.running_mean.copy_(module.running_mean)
+                frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in module.named_children():
+        new = convert_frozen_batchnorm(child)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+class ContainerFPNBackbone(nn.Module):
+    """A Container body whose stage outputs feed a ``FeaturePyramidNetwork``.
+
+    Args:
+        body: a Container model (``forward_intermediates`` + ``feature_info``); its final norm and
+            classifier are removed, since detection uses the stage outputs only.
+        out_channels: FPN width (256).
+        freeze_at: 0 nothing frozen besides BatchNorm; 1 the stem; k the stem and stages 1..k-1.
+        norm: ``"frozen_bn"`` (default) or ``"bn"`` (trainable BatchNorm, batch statistics).
+        returned_stages: which stage outputs (0-based) enter the FPN.
+        extra_blocks: the FPN's extra levels (``LastLevelMaxPool()`` when None).
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        out_channels: int = 256,
+        freeze_at: int = 0,
+        norm: str = "frozen_bn",
+        returned_stages: Sequence[int] = (0, 1, 2, 3),
+        extra_blocks: ExtraFPNBlock | None = None,
+    ) -> None:
+        super().__init__()
+        n_stages = len(body.stages)
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if not 0 <= freeze_at <= n_stages + 1:
+            raise ValueError(f"freeze_at must be in 0..{n_stages + 1} (0: nothing, 1: stem, {n_stages + 1}: all), got {freeze_at}")
+        returned_stages = sorted(returned_stages)
+        if not returned_stages or not all(0 <= i < n_stages for i in returned_stages):
+            raise ValueError(f"returned_stages must be stage indices in 0..{n_stages - 1}, got {returned_stages}")
+        # Detection needs the stage outputs only: drop the stages after the last one used, the final
+        # norm and the classifier, so that every remaining parameter receives a gradient.
+        body.prune_intermediate_layers(indices=returned_stages, prune_norm=True, prune_head=True)
+        if norm == "frozen_bn":
+            convert_frozen_batchnorm(body)
+        self.body = body
+        self.returned_stages = tuple(returned_stages)
+        self.freeze_at = freeze_at
+        self.norm_kind = norm
+        self.size_divisible = int(getattr(body, "total_stride", 32))
+        self.strides = tuple(body.feature_info[i]["reduction"] for i in returned_stages)
+        in_channels = [body.feature_info[i]["num_chs"] for i in returned_stages]
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks or LastLevelMaxPool())
+        self.out_channels = out_channels
+        self._freeze(freeze_at)
+
+    def _freeze(self, freeze_at: int) -> None:
+        frozen: list[nn.Module] = []
+        if freeze_at >= 1:
+            frozen.append(self.body.stages[0].patch_embed)
+        for i in range(min(freeze_at - 1, len(self.body.stages))):
+            frozen.append(self.body.stages[i])
+        for module in frozen:
+            module.requires_grad_(False)
+        self._frozen = frozen
+
+    def train(self, mode: bool = True) -> "ContainerFPNBackbone":
+        super().train(mode)
+        for module in self._frozen:  # frozen layers keep eval behaviour (no dropout / drop-path)
+            module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        h, w = x.shape[-2:]
+        s = self.size_divisible
+        pad_h, pad_w = (-h) % s, (-w) % s
+        if pad_h or pad_w:  # bottom/right zero padding: box coordinates stay valid
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        maps = self.body.forward_intermediates(x, indices=list(self.returned_stages), intermediates_only=True)
+        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
+
+
+def _body(backbone_weights: Any, which: str | None, model_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    if isinstance(backbone_weights, nn.Module):
+        return backbone_weights
+    if backbone_weights is None:
+        from ssl_container.models.registry import create_model
+
+        return create_model(model_name, num_classes=0, **model_kwargs)
+    if isinstance(backbone_weights, (str, os.PathLike)):
+        # Lazy: the export module reads checkpoints (it imports the models, not the other way round).
+        from ssl_container.export import load_backbone
+
+        return load_backbone(backbone_weights, which, **{**model_kwargs, "num_classes": 0})
+    raise TypeError(f"backbone_weights must be a path, an nn.Module or None, got {type(backbone_weights).__name__}")
+
+
+def container_light_fpn_backbone(
+    backbone_weights: Any = None,
+    *,
+    which: str | None = None,
+    out_channels: int = 256,
+    freeze_at: int = 0,
+    norm: str = "frozen_bn",
+    returned_stages: Sequence[int] = (0, 1, 2, 3),
+    extra_blocks: ExtraFPNBlock | None = None,
+    drop_path_rate: float = 0.0,
+    model_name: str = "container_light",
+    **model_kwargs: Any,
+) -> ContainerFPNBackbone:
+    """A :class:`ContainerFPNBackbone` on Container-Light (random, or the weights at ``backbone_weights``)."""
+    body = _body(backbone_weights, which, model_name, dict(model_kwargs))
+    if hasattr(body, "set_drop_path_rate"):
+        body.set_drop_path_rate(drop_path_rate)
+    return ContainerFPNBackbone(body, out_channels, freeze_at, norm, returned_stages, extra_blocks)
+
+
+def _set_size_divisible(model: nn.Module, divisor: int) -> nn.Module:
+    model.transform.size_divisible = divisor
+    return model
+
+
+def fasterrcnn_container_light_fpn(
+    num_classes: int = 91,
+    backbone_weights: Any = None,
+    *,
+    which: str | None = None,
+    freeze_at: int = 0,
+    norm: str = "frozen_bn",
+    drop_path_rate: float = 0.0,
+    min_size: int = 800,
+    max_size: int = 1333,
+    backbone_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Faster R-CNN with a Container-Light FPN backbone (P2-P6). ``kwargs`` go to ``FasterRCNN``."""
+    from torchvision.models.detection import FasterRCNN
+
+    backbone = container_light_fpn_backbone(
+        backbone_weights, which=which, freeze_at=freeze_at, norm=norm, drop_path_rate=drop_path_rate,
+        returned_stages=(0, 1, 2, 3), extra_blocks=LastLevelMaxPool(), **(backbone_kwargs or {}),
+    )
+    model = FasterRCNN(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    return _set_size_divisible(model, backbone.size_divisible)
+
+
+def retinanet_container_light_fpn(
+    num_classes: int = 91,
+    backbone_weights: Any = None,
+    *,
+    which: str | None = None,
+    freeze_at: int = 0,
+    norm: str = "frozen_bn",
+    drop_path_rate: float = 0.0,
+    min_size: int = 800,
+    max_size: int = 1333,
+    backbone_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """RetinaNet with a Container-Light FPN backbone (P3-P7; P6 from C5). ``kwargs`` go to ``RetinaNet``."""
+    from torchvision.models.detection import RetinaNet
+
+    body = _body(backbone_weights, which, "container_light", dict(backbone_kwargs or {}))
+    last = body.feature_info[3]["num_chs"]
+    backbone = container_light_fpn_backbone(
+        body, freeze_at=freeze_at, norm=norm, drop_path_rate=drop_path_rate,
+        returned_stages=(1, 2, 3), extra_blocks=LastLevelP6P7(last, 256),
+    )
+    model = RetinaNet(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    return _set_size_divisible(model, backbone.size_divisible)

@@ -1,0 +1,193 @@
+"""Detection transfer: the FPN backbone contract, frozen BN, padding, tiny training steps, COCOeval."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+import ssl_container  # noqa: F401
+from ssl_container.models import container_light
+from ssl_container.models.detection import (
+    ContainerFPNBackbone,
+    container_light_fpn_backbone,
+    fasterrcnn_container_light_fpn,
+    retinanet_container_light_fpn,
+)
+
+TINY = dict(embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+DATA = Path(os.environ.get("SSL_CONTAINER_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "coco128"
+needs_coco = pytest.mark.skipif(
+    not (DATA / "annotations" / "instances_val2017.json").is_file(),
+    reason=f"coco128 not found at {DATA} (set SSL_CONTAINER_DATA to the folder holding coco128/)",
+)
+
+
+def _randomised_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+def test_fpn_backbone_channels_strides_and_padding():
+    torch.manual_seed(0)
+    backbone = container_light_fpn_backbone().eval()
+    assert backbone.out_channels == 256 and backbone.strides == (4, 8, 16, 32)
+    x = torch.randn(1, 3, 100, 130)  # not multiples of 32: padded to 128 x 160 inside
+    with torch.no_grad():
+        out = backbone(x)
+        padded = backbone(torch.nn.functional.pad(x, (0, 30, 0, 28)))
+    assert list(out) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(v.shape) for v in out.values()] == [(1, 256, 32, 40), (1, 256, 16, 20), (1, 256, 8, 10),
+                                                      (1, 256, 4, 5), (1, 256, 2, 3)]
+    for k in out:
+        assert torch.equal(out[k], padded[k])
+    # The four stage outputs enter the FPN with their own widths.
+    assert [b[0].in_channels for b in backbone.fpn.inner_blocks] == [64, 128, 320, 512]
+    # Final norm and classifier are gone: every parameter left can get a gradient.
+    assert isinstance(backbone.body.norm, nn.Identity) and isinstance(backbone.body.head, nn.Identity)
+
+
+def test_batchnorm_frozen_by_default_with_the_same_statistics():
+    body = _randomised_bn(container_light(num_classes=0, **TINY))
+    stats = {n: (m.running_mean.clone(), m.running_var.clone(), m.weight.detach().clone())
+             for n, m in body.named_modules() if isinstance(m, nn.BatchNorm2d) and not n.startswith("norm")}
+    backbone = ContainerFPNBackbone(body)
+    frozen = {n: m for n, m in backbone.body.named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    assert set(frozen) == set(stats) and len(frozen) == 2 * sum(TINY["depths"])
+    for n, (mean, var, w) in stats.items():
+        assert torch.equal(frozen[n].running_mean, mean) and torch.equal(frozen[n].running_var, var)
+        assert torch.equal(frozen[n].weight, w)
+    assert not any("norm1" in n or "norm2" in n for n, _ in backbone.named_parameters())
+    # norm="bn" keeps trainable BatchNorm.
+    bn = ContainerFPNBackbone(container_light(num_classes=0, **TINY), norm="bn")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in bn.modules()) == 2 * sum(TINY["depths"])
+
+
+@pytest.mark.parametrize("freeze_at, frozen_prefixes", [
+    (0, []),
+    (1, ["body.stages.0.patch_embed"]),
+    (3, ["body.stages.0.", "body.stages.1."]),
+    (5, ["body.stages."]),
+])
+def test_freeze_at(freeze_at, frozen_prefixes):
+    backbone = ContainerFPNBackbone(container_light(num_classes=0, **TINY), freeze_at=freeze_at).train()
+    for name, p in backbone.named_parameters():
+        assert p.requires_grad == (not any(name.startswith(f) for f in frozen_prefixes)), name
+    if freeze_at:
+        assert not backbone.body.stages[0].patch_embed.training  # frozen layers stay in eval mode
+    with pytest.raises(ValueError, match="freeze_at must be in 0..5"):
+        ContainerFPNBackbone(container_light(num_classes=0, **TINY), freeze_at=6)
+
+
+def test_detectors_pad_to_32_and_take_exported_weights(tmp_path):
+    from ssl_container.export import export
+
+    body = _randomised_bn(container_light(num_classes=0, **TINY))
+    from safetensors.torch import save_file
+
+    save_file(body.state_dict(), str(tmp_path / "bare.safetensors"))
+    exp = export(tmp_path / "bare.safetensors", tmp_path / "export", model_kwargs=TINY)
+    frcnn = fasterrcnn_container_light_fpn(5, exp, min_size=128, max_size=160)
+    retina = retinanet_container_light_fpn(5, exp, min_size=128, max_size=160)
+    for det in (frcnn, retina):
+        assert det.transform.size_divisible == 32
+        loaded = det.backbone.body.stages[2].blocks[0]
+        assert torch.equal(loaded.mlp.fc1.weight, body.stages[2].blocks[0].mlp.fc1.weight)
+        assert torch.equal(loaded.norm1.running_var, body.stages[2].blocks[0].norm1.running_var)
+    # RetinaNet: P3-P5 from stages 2-4, then P6/P7 from the last stage output.
+    assert [b[0].in_channels for b in retina.backbone.fpn.inner_blocks] == [32, 64, 128]
+    with torch.no_grad():
+        feats = retina.backbone.eval()(torch.randn(1, 3, 128, 160))
+    assert list(feats) == ["0", "1", "2", "p6", "p7"]
+    assert [v.shape[-1] for v in feats.values()] == [20, 10, 5, 3, 2]
+
+
+def _coco(split: str, n: int, train: bool):
+    from eval.detection import CocoDetection, coco_split
+
+    images, ann = coco_split(DATA, split)
+    return CocoDetection(images, ann, train=train, max_images=n)
+
+
+@needs_coco
+def test_dataset_boxes_and_labels_round_trip():
+    ds = _coco("val2017", 3, train=False)
+    assert ds.num_classes == 81 and sorted(ds.label_to_cat.values()) == ds.cat_ids
+    for i, image_id in enumerate(ds.ids):
+        image, target = ds[i]
+        assert image.shape[0] == 3 and 0 <= image.min() and image.max() <= 1
+        anns = ds.coco.imgToAnns[image_id]
+        got = [[*(b[:2]), b[2] - b[0], b[3] - b[1]] for b in target["boxes"].tolist()]
+        want = [a["bbox"] for a in anns]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=1e-3)
+        assert [ds.label_to_cat[l] for l in target["labels"].tolist()] == [a["category_id"] for a in anns]
+
+
+@needs_coco
+def test_coco_metrics_of_ground_truth_is_perfect():
+    from eval.detection import METRICS, coco_metrics
+
+    ds = _coco("val2017", 4, train=False)
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for i in ds.ids for a in ds.coco.imgToAnns[i]]
+    metrics, text = coco_metrics(ds.coco, dets, ds.ids)
+    assert list(metrics) == list(METRICS) and "Average Precision" in text
+    assert metrics["AP"] == pytest.approx(100.0) and metrics["AP50"] == pytest.approx(100.0)
+    assert coco_metrics(ds.coco, [], ds.ids)[0] == {m: 0.0 for m in METRICS}
+
+
+@needs_coco
+@pytest.mark.parametrize("builder", [fasterrcnn_container_light_fpn, retinanet_container_light_fpn])
+def test_one_training_step_on_coco128_gives_finite_losses(builder):
+    from eval.detection import collate, param_groups
+
+    torch.manual_seed(0)
+    ds = _coco("train2017", 2, train=True)
+    # Fewer sampled RoIs/proposals keep the Faster R-CNN step cheap on CPU; the backbone is the real one.
+    small = dict(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100) if builder is fasterrcnn_container_light_fpn else {}
+    model = builder(ds.num_classes, min_size=128, max_size=160, **small).train()
+    images, targets = collate([ds[0], ds[1]])
+    losses = model(list(images), list(targets))
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    sum(losses.values()).backward()
+    assert model.backbone.body.stages[0].patch_embed.proj.weight.grad is not None
+    opt.step()
+
+
+@needs_coco
+def test_eval_detection_command_compares_initialisations(tmp_path):
+    from safetensors.torch import save_file
+
+    from eval.detection import METRICS, main
+    from ssl_container.export import export
+
+    save_file(container_light(num_classes=0, **TINY).state_dict(), str(tmp_path / "bb.safetensors"))
+    weights = export(tmp_path / "bb.safetensors", tmp_path / "export", model_kwargs=TINY)
+    out = tmp_path / "det"
+    assert main(["--data", str(DATA), "--weights", str(weights), "--init", "dino", "random", "--arch", "retinanet",
+                 "--epochs", "1", "--max-iters", "1", "--max-train-images", "2", "--max-val-images", "2",
+                 "--min-size", "64", "--max-size", "96", "--vis-images", "2", "--log-every", "0",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["runs"]) == ["dino", "random"]
+    for name, run in results["runs"].items():
+        assert list(run["metrics"]) == list(METRICS)
+        assert all(v is None or 0 <= v <= 100 for v in run["metrics"].values())
+        assert run["train"]["iters"] == 1 and run["train"]["epochs"][0]["loss"] > 0
+        assert (out / f"predictions_{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert isinstance(json.loads((out / f"detections_{name}.json").read_text()), list)
+    assert results["runs"]["dino"]["weights"]["sha256"]
+    assert results["runs"]["random"]["weights"] is None

@@ -1,0 +1,277 @@
+"""Export: every accepted source, strict bit-identical round trips, timm loading, refusals."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ssl_container  # noqa: F401  (registers the models with timm)
+from ssl_container.export import CheckpointRefused, export, load_backbone, read_checkpoint
+from ssl_container.models import container_light
+
+# A small Container-Light (same block types, fewer/narrower layers) keeps the tests fast and checks
+# that architecture arguments travel through meta.json.
+TINY = dict(embed_dims=[16, 32, 64, 128], depths=[1, 1, 1, 2])
+HEAD = dict(in_dim=128, out_dim=32, hidden_dim=24, bottleneck_dim=8, nlayers=3, norm_last_layer=True, use_bn=False)
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-default values everywhere (BN statistics included), so a missed tensor cannot go unseen."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                t.fill_(seed + 7)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    return model
+
+
+def _head_state(seed: int) -> dict[str, torch.Tensor]:
+    """A DINO-head-like state dict (DINOHead's key names) made of plain tensors."""
+    g = torch.Generator().manual_seed(seed)
+    h, b, d = HEAD["hidden_dim"], HEAD["bottleneck_dim"], HEAD["in_dim"]
+    shapes = {"mlp.0.weight": (h, d), "mlp.0.bias": (h,), "mlp.2.weight": (h, h), "mlp.2.bias": (h,),
+              "mlp.4.weight": (b, h), "mlp.4.bias": (b,),
+              "last_layer.parametrizations.weight.original0": (HEAD["out_dim"], 1),
+              "last_layer.parametrizations.weight.original1": (HEAD["out_dim"], b)}
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def make_run(root: Path, kwargs=TINY, step: int = 10, with_latest: bool = True, networks=("teacher", "student")) -> dict:
+    """A run folder as the trainer writes it, with distinct teacher and student weights."""
+    run = root / "run"
+    step_dir = run / "checkpoints" / f"step_{step:08d}"
+    step_dir.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        "model:\n  name: container_light\n  kwargs:\n"
+        + "".join(f"    {k}: {list(v)}\n" for k, v in kwargs.items()) + "optim:\n  lr: 0.0005\n"
+    )
+    nets = {}
+    for i, which in enumerate(networks):
+        backbone = _randomise(container_light(num_classes=0, **kwargs), seed=i)
+        head = _head_state(seed=10 + i)
+        state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in head.items()})
+        save_file({k: v.contiguous() for k, v in state.items()}, str(step_dir / f"{which}.safetensors"))
+        nets[which] = (backbone, head)
+    meta = {"step": step, "epoch": 1, "model": {"name": "container_light", "kwargs": {**kwargs, "num_classes": 0}},
+            "head": HEAD, "config_sha256": "ab" * 32, "eval": {"knn_top1": 0.42}}
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    if with_latest:
+        (run / "checkpoints" / "latest").write_text(step_dir.name + "\n")
+    return dict(run=run, step_dir=step_dir, nets=nets, meta=meta)
+
+
+class _Evil:
+    """A pickle that would create a file if it were ever unpickled with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _assert_same_state(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
+    assert set(state) == set(expected)
+    for k, v in expected.items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_run_folder_round_trip_is_strict_and_bit_identical(tmp_path):
+    r = make_run(tmp_path)
+    # DeepSpeed's own files sit in the step folder too; they must never be unpickled.
+    marker = tmp_path / "unpickled"
+    torch.save({"evil": _Evil(marker)}, r["step_dir"] / "mp_rank_00_model_states.pt")
+
+    out = export(r["run"], tmp_path / "export")
+    assert not marker.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "meta.json"]  # no temp files left
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format"] == "ssl_container.export/1"
+    assert meta["model"] == {"name": "container_light", "kwargs": TINY, "num_features": 128}
+    assert (meta["which"], meta["step"], meta["epoch"]) == ("teacher", 10, 1)
+    assert meta["config_sha256"] == "ab" * 32 and meta["eval"] == {"knn_top1": 0.42}
+    assert meta["source"]["kind"] == "run" and meta["source"]["path"] == str(r["step_dir"].resolve())
+    assert meta["weights"]["sha256"] == hashlib.sha256((out / "backbone.safetensors").read_bytes()).hexdigest()
+    assert meta["dino_head"] is None
+
+    teacher = r["nets"]["teacher"][0].state_dict()
+    saved = load_file(str(out / "backbone.safetensors"))
+    assert set(saved) == set(teacher) and all(torch.equal(saved[k], v) for k, v in teacher.items())
+    _assert_same_state(load_backbone(out), teacher)  # architecture read from meta.json
+    _assert_same_state(load_backbone(r["run"]), teacher)
+    _assert_same_state(load_backbone(r["run"], "student"), r["nets"]["student"][0].state_dict())
+
+
+def test_export_student_with_head_and_extra_eval(tmp_path):
+    r = make_run(tmp_path)
+    out = export(r["step_dir"], tmp_path / "export", "student", include_head=True, eval_results={"linear_top1": 0.5})
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["which"] == "student" and meta["source"]["kind"] == "step"
+    assert meta["eval"] == {"knn_top1": 0.42, "linear_top1": 0.5}
+    assert meta["dino_head"]["config"] == HEAD
+    head = load_file(str(out / "dino_head.safetensors"))
+    expected = r["nets"]["student"][1]
+    assert set(head) == set(expected) and all(torch.equal(head[k], v) for k, v in expected.items())
+    assert meta["dino_head"]["sha256"] == hashlib.sha256((out / "dino_head.safetensors").read_bytes()).hexdigest()
+    # An export is itself a source; re-exporting keeps the weights and the provenance.
+    again = export(out, tmp_path / "again")
+    meta2 = json.loads((again / "meta.json").read_text())
+    assert meta2["which"] == "student" and meta2["step"] == 10 and meta2["source"]["kind"] == "export"
+    assert (again / "backbone.safetensors").read_bytes() == (out / "backbone.safetensors").read_bytes()
+    with pytest.raises(CheckpointRefused, match="export of the student, not the teacher"):
+        read_checkpoint(out, "teacher")
+
+
+def test_timm_pretrained_loads_the_export_strictly(tmp_path):
+    import timm
+
+    r = make_run(tmp_path, kwargs={}, networks=("teacher",))  # the released architecture: timm needs no extra arguments
+    out = export(r["run"], tmp_path / "export")
+    teacher = r["nets"]["teacher"][0]
+    path = str(out / "backbone.safetensors")
+    model = timm.create_model("container_light", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path))
+    _assert_same_state(model, teacher.state_dict())  # every key present and equal: a strict load
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), teacher.eval()(x))
+    # Fine-tuning: a new classifier, the rest from the export.
+    clf = timm.create_model("container_light", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=path))
+    mine = load_backbone(out, num_classes=10)
+    for m in (clf, mine):
+        assert m.head.out_features == 10
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_safetensors_files_as_sources(tmp_path):
+    r = make_run(tmp_path)
+    # A step's teacher.safetensors reads its sibling meta.json (architecture, step).
+    ckpt = read_checkpoint(r["step_dir"] / "student.safetensors")
+    assert (ckpt.which, ckpt.step, ckpt.model_kwargs) == ("student", 10, TINY)
+    with pytest.raises(CheckpointRefused, match="holds the student, not the teacher"):
+        read_checkpoint(r["step_dir"] / "student.safetensors", "teacher")
+    # A bare backbone file: the architecture is given by the caller.
+    bare = tmp_path / "bare.safetensors"
+    save_file(r["nets"]["teacher"][0].state_dict(), str(bare))
+    _assert_same_state(load_backbone(bare, **TINY), r["nets"]["teacher"][0].state_dict())
+    _assert_same_state(load_backbone(bare, "teacher", **TINY), r["nets"]["teacher"][0].state_dict())  # nothing to pick
+    with pytest.raises(ValueError, match=r"do not fit container_light\(\).*missing.*unexpected"):
+        load_backbone(bare)  # default architecture: the shapes do not fit, and it says so
+
+
+def _official_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names -> allenai/container's (an explicit table, independent of the converter)."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"stages\.(\d)\.(patch_embed|blocks)\.(.+)$", key)
+        if not m:
+            out[key] = value
+            continue
+        s = int(m.group(1)) + 1
+        if m.group(2) == "patch_embed":
+            out[f"patch_embed{s}.{m.group(3)}"] = value
+            continue
+        i, rest = m.group(3).split(".", 1)
+        for ours, theirs in (("aggregation.input_proj.", "conv1."), ("aggregation.output_proj.", "conv2."),
+                             ("aggregation.affinity.conv.", "attn."), ("aggregation.affinity.static_affinity.conv.", "conv."),
+                             ("aggregation.affinity.mix_logit", "sa_weight")):
+            if rest.startswith(ours):
+                rest = theirs + rest[len(ours):]
+                break
+        out[f"blocks{s}.{i}.{rest}"] = value
+    return out
+
+
+def test_weights_only_torch_files(tmp_path):
+    r = make_run(tmp_path)
+    (teacher, t_head), (student, s_head) = r["nets"]["teacher"], r["nets"]["student"]
+    # Official DINO layout: teacher/student dicts, DDP prefix on the student, args as a Namespace.
+    dino = {
+        "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()}, **{f"head.{k}": v for k, v in t_head.items()}},
+        "student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()}, **{f"module.head.{k}": v for k, v in s_head.items()}},
+        "epoch": 3, "args": argparse.Namespace(arch="container_light", lr=0.0005),
+    }
+    torch.save(dino, tmp_path / "checkpoint.pth")
+    _assert_same_state(load_backbone(tmp_path / "checkpoint.pth", **TINY), teacher.state_dict())
+    out = export(tmp_path / "checkpoint.pth", tmp_path / "export", "student", include_head=True, model_kwargs=TINY)
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["which"], meta["epoch"], meta["source"]["kind"], meta["model"]["kwargs"]) == ("student", 3, "torch", TINY)
+    assert meta["dino_head"]["config"] == {k: v for k, v in HEAD.items() if k != "norm_last_layer"}  # inferred
+    _assert_same_state(load_backbone(out), student.state_dict())
+
+    # The official allenai/container checkpoint: {"model": ...} with their names and a classifier.
+    supervised = _randomise(container_light(num_classes=5, **TINY), seed=3)
+    torch.save({"model": _official_names(supervised.state_dict()), "epoch": 299}, tmp_path / "container.pt")
+    ckpt = read_checkpoint(tmp_path / "container.pt")
+    assert any("official" in n for n in ckpt.notes) and any("classifier" in n for n in ckpt.notes)
+    expected = {k: v for k, v in supervised.state_dict().items() if not k.startswith("head.")}
+    _assert_same_state(load_backbone(tmp_path / "container.pt", **TINY), expected)
+
+
+def test_refusals_name_the_file_and_what_is_accepted(tmp_path):
+    marker = tmp_path / "unpickled"
+    torch.save({"state": _Evil(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointRefused, match=r"evil\.pth: refused, torch.load\(weights_only=True\) cannot read it \(Unsupported global.*arbitrary code"):
+        load_backbone(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+    for name in ("weights.npz", "model.ckpt", "model.bin"):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+        with pytest.raises(CheckpointRefused, match=re.escape(name) + r": unsupported file type; accepted: a run folder"):
+            export(tmp_path / name, tmp_path / "out")
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointRefused, match=r"broken\.pt: refused, torch.load\(weights_only=True\) cannot read it .*damaged or not a torch file"):
+        read_checkpoint(tmp_path / "broken.pt")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{}")
+    with pytest.raises(CheckpointRefused, match=r"broken\.safetensors: not a readable safetensors file"):
+        read_checkpoint(tmp_path / "broken.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        read_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointRefused, match="none of the expected files"):
+        read_checkpoint(tmp_path / "empty")
+    torch.save({"teacher": {"x": torch.zeros(1)}}, tmp_path / "teacher_only.pth")
+    with pytest.raises(CheckpointRefused, match=r"has no student weights \(found: teacher\)"):
+        read_checkpoint(tmp_path / "teacher_only.pth", "student")
+
+
+def test_incomplete_run_and_existing_output(tmp_path):
+    r = make_run(tmp_path, with_latest=False)
+    with pytest.raises(CheckpointRefused, match="without checkpoints/latest"):
+        export(r["run"], tmp_path / "out")
+    out = export(r["step_dir"], tmp_path / "out", include_head=True)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export(r["step_dir"], tmp_path / "out")
+    export(r["step_dir"], tmp_path / "out", overwrite=True)  # without the head: the old head file goes
+    assert sorted(os.listdir(out)) == ["backbone.safetensors", "meta.json"]
+
+
+def test_cli_export(tmp_path, capsys):
+    from ssl_container.cli import main
+
+    r = make_run(tmp_path)
+    evals = tmp_path / "evals.json"
+    evals.write_text(json.dumps({"knn_top1": 0.5}))
+    assert main(["export", str(r["run"]), "--which", "student", "--head", "--eval-json", str(evals),
+                 "--out", str(tmp_path / "exp")]) == 0
+    assert "exported container_light student (step 10)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "exp" / "meta.json").read_text())
+    assert meta["which"] == "student" and meta["eval"] == {"knn_top1": 0.5} and meta["dino_head"]
+    (tmp_path / "x.onnx").write_bytes(b"")
+    assert main(["export", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "y")]) == 2
+    assert "x.onnx: unsupported file type" in capsys.readouterr().err
