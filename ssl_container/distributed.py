@@ -78,7 +78,8 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        job_id = int(env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")) or 0)
+        # SLURM_JOB_ID is unique per array member too, so members sharing a node get distinct ports.
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
