@@ -17,9 +17,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ssl_container.demo import run_demo
+    from launch.demo import run_from_args
 
-    return run_demo(data_root=args.data, batch_size=args.batch_size, seed=args.seed)
+    return run_from_args(args)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -72,6 +72,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- shards handlers (data pipeline; the parsers are in the shards section of build_parser) ---------
 def _parse_bytes(text: str) -> int:
     import re
 
@@ -115,6 +116,14 @@ def _cmd_shards_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    # The launcher parses its own arguments (also `python -m launch.submit`); imported only here, so
+    # the library never depends on launch/ otherwise.
+    from launch.submit import main as launch_main
+
+    return launch_main(args.launch_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-container",
@@ -135,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=32")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on the embedded default data")
-    p.add_argument("--data", default=None, help="data root (default: ../shared/data, or $SSL_CONTAINER_DATA)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="pretrain -> k-NN -> export on the embedded default, minutes on CPU")
+    from launch.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
     # --- export (backbone -> safetensors + meta.json) ------------------------------------------
@@ -180,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=1, help="processes (one shard each at a time)")
     v.add_argument("--json", action="store_true", help="print the whole report as JSON")
     v.set_defaults(func=_cmd_shards_verify)
+
+    # --- launch (Slurm / local jobs through submitit; options parsed by launch/submit.py) --------
+    p = sub.add_parser("launch", help="submit training, sweeps or evaluations to Slurm (submitit); --local, --dry-run",
+                       add_help=False, prefix_chars="\x00")  # every argument goes to launch.submit
+    p.add_argument("launch_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_launch)
 
     return parser
 

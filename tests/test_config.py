@@ -76,3 +76,14 @@ def test_shipped_recipes_load():
     assert {p.stem for p in recipes} >= {"container_light_imagenet", "vit_small_imagenet", "imagenette", "cifar10", "demo"}
     for path in recipes:
         load_config(path)
+
+
+def test_demo_recipe_file_matches_embedded_recipe():
+    from launch.demo import DEMO_RECIPE
+
+    shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert shipped.pop("data").pop("urls") == ["../shared/data/imagenette/train-{000000..000009}.tar"]
+    embedded = {k: v for k, v in DEMO_RECIPE.items()}
+    embedded_data = dict(embedded.pop("data"))
+    assert {k: v for k, v in shipped.items() if k != "data"} == embedded
+    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"] | {} == {**embedded_data, "urls": ["../shared/data/imagenette/train-{000000..000009}.tar"]}
