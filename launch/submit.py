@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from launch.options import JobOptions, LaunchError, local_parameters, parse_key_values, slurm_parameters
+from ssl_container.config import split_top_level
 
 __all__ = ["Submission", "JobFailedError", "submit_train", "submit_sweep", "submit_eval", "wait", "sweep_members",
            "build_parser", "main"]
@@ -258,23 +259,6 @@ def submit_train(config: str | Path | None = None, overrides: Sequence[str] = ()
 # sweeps
 
 
-def _split_values(text: str) -> list[str]:
-    """``a,b,{0..9},[x,y]`` -> values, splitting only at commas outside brackets and braces."""
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        if ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return [p.strip() for p in parts if p.strip()]
-
-
 def _format_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_format_value(v) for v in value) + "]"
@@ -313,9 +297,9 @@ def sweep_members(sweep: Sequence[str] = (), grid: Sequence[str] = (), sweep_fil
     axes = []
     for axis in grid:
         key, sep, values = axis.partition("=")
-        if not sep or not key.strip() or not _split_values(values):
+        if not sep or not key.strip() or not split_top_level(values):
             raise LaunchError(f"--grid {axis!r}: use key=value1,value2,...")
-        axes.append([f"{key.strip()}={v}" for v in _split_values(values)])
+        axes.append([f"{key.strip()}={v}" for v in split_top_level(values)])
     combos = [list(c) for c in itertools.product(*axes)] if axes else [[]]
     members = [e + c for e in (entries or [[]]) for c in combos]
     return [m for m in members if m] if (entries or axes) else []

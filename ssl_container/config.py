@@ -255,7 +255,7 @@ def _validate(cfg: TrainConfig) -> None:
         )
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """Split ``a,b{1,2},c`` at commas outside braces/brackets (brace patterns contain commas)."""
     parts, depth, cur = [], 0, ""
     for ch in text:
@@ -277,7 +277,7 @@ def _parse_override_value(raw: str) -> Any:
     """YAML scalars and lists, except that WebDataset brace patterns (``{000..009}``) stay text."""
     raw = raw.strip()
     if raw.startswith("[") and raw.endswith("]"):
-        return [_parse_override_value(p) for p in _split_top_level(raw[1:-1])]
+        return [_parse_override_value(p) for p in split_top_level(raw[1:-1])]
     if raw.startswith("{"):
         try:
             value = yaml.safe_load(raw)
