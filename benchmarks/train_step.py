@@ -39,6 +39,7 @@ def _config(args):
         f"engine.device={args.device}", f"data.crops.global_size={args.global_size}",
         f"data.crops.n_local={args.n_local}", f"data.crops.local_size={args.local_size}",
         f"model.channels_last={args.channels_last}", "data.urls=[unused]",
+        f"engine.zero_stage={args.zero_stage}", f"engine.compile={args.compile}",
     ] + (["model.kwargs={dynamic_img_size: true}"] if args.model.startswith("vit") else []))
 
 
@@ -47,7 +48,8 @@ def bench_deepspeed(args) -> dict:
 
     from ssl_container.dino import DINOLoss, get_param_groups
     from ssl_container.distributed import cleanup, init_distributed
-    from ssl_container.engine import autocast_context, ema_update, effective_precision, initialize_engine, make_teacher, select_device
+    from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision,
+                                      initialize_engine, make_teacher, select_device)
     from ssl_container.train import build_student
 
     cfg = _config(args)
@@ -59,6 +61,8 @@ def bench_deepspeed(args) -> dict:
     if cfg.model.channels_last:
         student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
+    if cfg.engine.compile:
+        compile_backbones(student, teacher)
     loss_fn = DINOLoss(cfg.head.out_dim, 2 + args.n_local).to(device)
     engine, optimizer, _ = initialize_engine(cfg, student, get_param_groups(student), device, 1)
     crops = _crops(args.batch, 2, args.global_size, args.n_local, args.local_size, device)
@@ -136,7 +140,8 @@ def _time(step, args, device, impl: str, precision: str) -> dict:
     return {
         "impl": impl, "model": args.model, "batch": args.batch, "crops": f"2x{args.global_size}+{args.n_local}x{args.local_size}",
         "precision": precision, "device": str(device), "threads": torch.get_num_threads(),
-        "step_s": round(median, 3), "images_per_s": round(args.batch / median, 3), "steps": args.steps,
+        "zero_stage": args.zero_stage if impl == "deepspeed" else None, "compile": args.compile and impl == "deepspeed",
+        "channels_last": args.channels_last, "step_s": round(median, 3), "images_per_s": round(args.batch / median, 3), "steps": args.steps,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
@@ -152,6 +157,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (engine.compile)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impl", default="both", choices=["deepspeed", "eager", "both"])

@@ -34,6 +34,7 @@ __all__ = [
     "build_optimizer",
     "initialize_engine",
     "make_teacher",
+    "compile_backbones",
     "ema_update",
     "autocast_context",
 ]
@@ -187,6 +188,15 @@ def convert_to_universal(step_dir: str | os.PathLike, out_dir: str | os.PathLike
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     with weights_only_loads():
         ds_to_universal.main(args)
+
+
+def compile_backbones(*models: nn.Module) -> None:
+    """``torch.compile`` each model's backbone in place (``nn.Module.compile``: parameter names and
+    state dicts are unchanged, so checkpoints and the EMA are unaffected). Compiled per crop
+    resolution on first use."""
+    for model in models:
+        backbone = getattr(model, "backbone", model)
+        backbone.compile(dynamic=False)
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -28,7 +28,8 @@ from ssl_container import distributed as D
 from ssl_container.checkpoint import CheckpointManager, TrainState
 from ssl_container.config import TrainConfig, config_digest, load_config, save_config
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups
-from ssl_container.engine import autocast_context, ema_update, effective_precision, initialize_engine, make_teacher, select_device
+from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
+                                  make_teacher, select_device)
 from ssl_container.metrics import MetricsLogger, plot_run
 
 log = logging.getLogger("ssl_container.train")
@@ -114,6 +115,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
         student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     _disable_drop_path(teacher)
+    if cfg.engine.compile:
+        compile_backbones(student, teacher)
     crops = cfg.data.crops
     dino_loss = DINOLoss(cfg.head.out_dim, crops.n_global + crops.n_local, cfg.dino.student_temp,
                          cfg.dino.center_momentum, cfg.dino.sinkhorn_knopp, n_global_crops=crops.n_global).to(device)
