@@ -58,8 +58,6 @@ def bench_deepspeed(args) -> dict:
     precision = effective_precision(cfg, device)
     torch.manual_seed(0)
     student = build_student(cfg).to(device)
-    if cfg.model.channels_last:
-        student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     if cfg.engine.compile:
         compile_backbones(student, teacher)

@@ -111,8 +111,6 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
     # --- models: identical initial weights on every rank, distribution applied from outside ---------
     torch.manual_seed(cfg.seed)
     student = D.maybe_sync_batchnorm(build_student(cfg), device).to(device)
-    if cfg.model.channels_last:
-        student = student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     _disable_drop_path(teacher)
     if cfg.engine.compile:
