@@ -172,6 +172,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
     engine.train()
     teacher.train()  # batch statistics, as DINO's teacher
     loader = batches = None
+    failed = True
     try:
         while state.step < total_steps:
             epoch, in_epoch = divmod(state.step, iters_per_epoch)
@@ -199,8 +200,16 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
             state.epoch = state.step // iters_per_epoch
             if monitor is not None and state.step % iters_per_epoch == 0 and state.epoch % cfg.monitor.every_epochs == 0:
                 metrics.scalars("knn", state.step, monitor.run(teacher.backbone))
+        failed = False
     finally:
-        _close(batches)
+        try:
+            _close(batches)
+        except Exception:
+            # Stopping (submitit's requeue exit, a crash) can race with the workers being signalled
+            # too; the loader's complaint must not replace the exception that is stopping the run.
+            if not failed:
+                raise
+            log.warning("the data loader did not shut down cleanly while the run was stopping", exc_info=True)
         metrics.close()
     digests = _rank_digests(engine.module)
     curves = plot_run(run_dir) if env.is_main else None
