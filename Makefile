@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
+	@# Without ../shared/data, the demo uses Debian's Fashion-MNIST: install it when we can.
+	@if [ ! -f ../shared/data/imagenette/dataset.json ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) || true; fi
 	$(PY) -m ssl_container demo
 
 test: setup
