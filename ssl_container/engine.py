@@ -159,6 +159,9 @@ def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[d
         model=student, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     _install_safe_checkpoint_engine(engine)
+    if world_size == 1 and cfg.engine.zero_stage == 0:
+        # One rank has nothing to average: skip flattening and all-reducing every gradient.
+        engine.enable_backward_allreduce = False
     return engine, optimizer, ds_config
 
 

@@ -87,6 +87,16 @@ def test_single_process_run_writes_everything(tmp_path):
     assert summary["steps"] == 4 and summary["ranks_in_sync"]
 
 
+def test_zero_stage_0_single_process_trains(tmp_path):
+    run = tmp_path / "z0"
+    _run(run, "max_steps=2", "checkpoint.every_steps=1", "engine.zero_stage=0")
+    first, second = _teacher(run, 1), _teacher(run, 2)
+    assert any(not torch.equal(first[k], second[k]) for k in first if k.endswith("weight"))
+    student1 = load_file(str(run / "checkpoints" / "step_00000001" / "student.safetensors"))
+    student2 = load_file(str(run / "checkpoints" / "step_00000002" / "student.safetensors"))
+    assert any(not torch.equal(student1[k], student2[k]) for k in student1 if "blocks" in k)
+
+
 def test_two_processes_resume_exactly_after_kill_during_save(tmp_path):
     """Reference: 2 ranks, 6 steps. Crash run: killed (SIGKILL) in the middle of saving step 4,
     after the files but before the pointer; restarted, it resumes from step 2 and must reproduce
