@@ -21,12 +21,8 @@ TRANSFORM = EvalTransformConfig(resize=32, crop=32)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barriers stalling on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def _jpeg(rng: np.random.Generator, h: int, w: int) -> bytes:

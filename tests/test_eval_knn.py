@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("faiss")
 
+from conftest import clustered  # noqa: E402
 from eval.knn import (  # noqa: E402
     ShardedFeatureStore,
     knn_classify,
@@ -21,20 +22,8 @@ from eval.knn import (  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barriers stalling on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
-
-
-def clustered(n: int, dim: int, num_classes: int, noise: float, seed: int):
-    """Class centres + noise: realistic (clustered) features where exact ties are improbable."""
-    centres = np.random.default_rng(1234).standard_normal((num_classes, dim)).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, num_classes, n)
-    return (centres[y] + noise * rng.standard_normal((n, dim))).astype(np.float32), y
 
 
 @pytest.fixture(scope="module")

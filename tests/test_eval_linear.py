@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import clustered as clustered_features
 from eval.linear import (
     GridConfig,
     LinearProtocolConfig,
@@ -20,19 +21,12 @@ from eval.linear import (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP barriers stalling on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def clustered(n: int, dim: int, num_classes: int, noise: float, seed: int):
-    centres = np.random.default_rng(99).standard_normal((num_classes, dim)).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, num_classes, n)
-    return (centres[y] + noise * rng.standard_normal((n, dim))).astype(np.float32), y
+    return clustered_features(n, dim, num_classes, noise, seed, centre_seed=99)
 
 
 @pytest.fixture(scope="module")
