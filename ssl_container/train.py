@@ -244,8 +244,9 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
     t0 = time.perf_counter()
     wait = 0.0
     losses, finite_all, images = [], True, 0
-    # BatchNorm statistics move in every forward; a skipped step must leave them untouched too.
-    buffers = [b for m in (teacher, engine.module) for b in m.buffers()]
+    # BatchNorm statistics move in every forward and the center in every loss; a skipped step must
+    # leave them all untouched.
+    buffers = [b for m in (teacher, engine.module, dino_loss) for b in m.buffers()]
     buffers_before = [b.clone() for b in buffers]
     for micro in range(accum):
         w0 = time.perf_counter()
@@ -260,14 +261,12 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
         with torch.no_grad(), autocast_context(precision, device):
             teacher_out = teacher(crops[:n_global])
         student_out = engine(crops)
-        center_before = dino_loss.center.clone()
         loss = dino_loss(student_out, teacher_out, teacher_temp)
         if it in _FAULT_NAN_STEPS:  # fault injection for the tests of the non-finite path
             loss = loss * float("nan")
         # Every rank must take the same branch, or the gradient all-reduce waits forever.
         finite = D.all_reduce_min(bool(torch.isfinite(loss).item()), device)
         if not finite:
-            dino_loss.center.copy_(center_before)
             finite_all = False
             if accum == 1:
                 break  # no backward, no optimizer step: the step is skipped exactly

@@ -340,12 +340,10 @@ def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
         if not 0 < indices <= n:
             raise ValueError(f"indices={indices}: take between 1 and {n} stages")
         return list(range(n - indices, n))
-    out = sorted(i % n if -n <= i < n else _bad_index(i, n) for i in indices)
-    return out
-
-
-def _bad_index(i: int, n: int) -> int:
-    raise ValueError(f"stage index {i} out of range for {n} stages")
+    bad = [i for i in indices if not -n <= i < n]
+    if bad:
+        raise ValueError(f"stage indices {bad} out of range for {n} stages")
+    return sorted(i % n for i in indices)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: Container) -> dict:

@@ -48,20 +48,24 @@ def count_macs(model: nn.Module, input_size: tuple[int, int], in_chans: int = 3)
 
 
 def describe(name: str, sizes: Iterable[int] = (224, 96), **kwargs: Any) -> dict[str, Any]:
-    """Parameters and GMACs of a registered model (backbone only unless num_classes is given)."""
+    """Parameters and GMACs of a registered model (backbone only unless num_classes is given).
+
+    Token-MLP models (container_pam) are tied to one input size, so they are built once per size and
+    their parameter count is reported per size too."""
     from ssl_container.models.registry import create_model
 
     kwargs.setdefault("num_classes", 0)
+    per_size = name == "container_pam"
     row: dict[str, Any] = {"model": name, "params": None, "gmacs": {}}
+    model = None
     for size in sizes:
-        # Token-MLP models are tied to one size: build one per size so each size has a number.
-        model = create_model(name, **({"img_size": size, **kwargs} if name == "container_pam" else kwargs))
-        if row["params"] is None or name == "container_pam":
+        if model is None or per_size:
+            model = create_model(name, **({"img_size": size, **kwargs} if per_size else kwargs))
+        if per_size:
             row.setdefault("params_by_size", {})[str(size)] = count_parameters(model)
-            row["params"] = row["params"] if row["params"] is not None else count_parameters(model)
+        if row["params"] is None:
+            row["params"] = count_parameters(model)
         row["gmacs"][str(size)] = round(count_macs(model, (size, size)) / 1e9, 4)
-    if name != "container_pam":
-        row.pop("params_by_size", None)
     return row
 
 
