@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ssl_container.runtime import retain_freed_memory
+
 log = logging.getLogger("eval.features")
 
 __all__ = [
@@ -290,6 +292,8 @@ def extract_features(model: nn.Module, loader: Iterable, device: str | torch.dev
     single = isinstance(kinds, str)
     kinds = (kinds,) if single else tuple(kinds)
     device = torch.device(device)
+    if device.type == "cpu":
+        retain_freed_memory()  # every batch reuses the last one's memory instead of faulting it in anew
     model.eval().to(device)
     ctx, amp_used = _autocast(device, amp)
     rank, world = _dist_info()

@@ -117,6 +117,7 @@ class EngineConfig:
     grad_accum_steps: int = 1
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the backbones
+    cpu_retain_memory: bool = True  # CPU: keep freed tensor memory in the process, no page faults per step (runtime.py)
 
 
 @dataclass

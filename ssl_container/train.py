@@ -31,6 +31,7 @@ from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapp
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher, select_device)
 from ssl_container.metrics import MetricsLogger, plot_run
+from ssl_container.runtime import retain_freed_memory
 
 log = logging.getLogger("ssl_container.train")
 
@@ -118,6 +119,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
         save_config(cfg, run_dir / "config.yaml")
     precision = effective_precision(cfg, device)
     _set_cpu_threads(cfg, env, device)
+    if device.type == "cpu" and cfg.engine.cpu_retain_memory:
+        retain_freed_memory()
 
     # --- models: identical initial weights on every rank, distribution applied from outside ---------
     torch.manual_seed(cfg.seed)
