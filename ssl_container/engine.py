@@ -7,8 +7,10 @@ Choices that follow from DINO's structure (dino.md, local_slurm.md):
 * ``bf16`` is realised with DeepSpeed's ``torch_autocast`` mode, which keeps the parameters in fp32
   (so the EMA reads them directly) and runs convolutions and matmuls in bf16. ``fp16`` uses
   DeepSpeed's loss-scaled fp16 mode, whose fp32 master weights are fetched for the EMA.
-* The optimizer is plain ``torch.optim.AdamW``/``SGD`` (fused/foreach kernels) handed to DeepSpeed,
-  so nothing is JIT-compiled; the schedules write lr and weight decay into its groups every step.
+* The optimizer is plain ``torch.optim.AdamW``/``SGD`` with its fused kernels (CUDA and, since
+  torch 2.4, CPU: one pass over each tensor instead of the ten or so of the per-tensor fallback the
+  foreach path takes on CPU) handed to DeepSpeed, so nothing is JIT-compiled; the schedules write lr
+  and weight decay into its groups every step.
 * Checkpoints are read back with ``torch.load(weights_only=True)``, allowing only the few DeepSpeed
   classes its own files contain: resuming never unpickles arbitrary objects.
 """
@@ -87,16 +89,13 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
 
 
 def build_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda"
     # DeepSpeed's elastic ZeRO checkpoints record a per-group "step" (its own optimizers keep one);
     # torch's keep it per parameter, so give the groups a placeholder for the format's sake.
     for group in param_groups:
         group.setdefault("step", 0)
     if cfg.optim.optimizer == "adamw":
-        kwargs: dict[str, Any] = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-        kwargs["fused" if fused else "foreach"] = True
-        return torch.optim.AdamW(param_groups, **kwargs)
-    return torch.optim.SGD(param_groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, foreach=True)
+        return torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True)
+    return torch.optim.SGD(param_groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, fused=True)
 
 
 def _deepspeed_safe_globals() -> list[Any]:
