@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_container.models.convs import DepthwiseConv, PointwiseConv
+
 __all__ = [
     "Affinity",
     "AttentionAffinity",
@@ -95,7 +97,7 @@ class DepthwiseConvAffinity(Affinity):
     def __init__(self, dim: int, kernel_size: int = 5, bias: bool = True) -> None:
         super().__init__()
         self.num_heads = dim
-        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
+        self.conv = DepthwiseConv(dim, kernel_size, bias=bias)
 
     def forward(self, v, q=None, k=None):
         return self.conv(v)
@@ -190,8 +192,8 @@ class ContextAggregation(nn.Module):
         self.dim = dim
         self.affinity = affinity
         width = 3 * dim if affinity.dynamic else dim
-        self.input_proj = nn.Conv2d(dim, width, 1, bias=bias)
-        self.output_proj = nn.Conv2d(dim, dim, 1, bias=bias)
+        self.input_proj = PointwiseConv(dim, width, bias=bias)
+        self.output_proj = PointwiseConv(dim, dim, bias=bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """X -> (V, Q, K); Q and K are None for static affinities."""

@@ -1,0 +1,152 @@
+"""Container's two convolutions, 1x1 pointwise and k x k depthwise, with faster float32 CPU kernels.
+
+Both are ``nn.Conv2d`` subclasses: same parameters, state-dict keys and ``isinstance`` checks
+(timm's initialisers, SyncBatchNorm and FrozenBatchNorm conversions, official checkpoints). On any
+device but the CPU, for any dtype but float32, under autocast, or with oneDNN disabled they are
+plain ``nn.Conv2d``. On a float32 CPU input they compute the same function and the same gradients
+(tests compare both against ``nn.Conv2d``) with kernels PyTorch does not pick by itself:
+
+* **1x1 (``PointwiseConv``)**, the channel MLPs and the context-aggregation projections, 96 % of
+  Container-Light's multiply-adds. PyTorch chooses by an old rule ("for 1x1 filters THNN is faster
+  when single-threaded"): with one thread and fewer than 16 images it runs im2col + MKL GEMM,
+  otherwise oneDNN. On AVX-512 CPUs oneDNN's kernel on channels_last maps is the faster one, also
+  for the 8-image global-crop batches of a 4-image DINO step (``benchmarks/conv_kernels.py``). The
+  forward therefore calls oneDNN directly, and so does the input gradient, which is the forward
+  convolution of the output gradient with the transposed weight (oneDNN's forward kernel is faster
+  than its backward-data one); the weight gradient is PyTorch's own.
+* **k x k depthwise, k > 3 (``DepthwiseConv``)**, the static affinity (5x5). oneDNN's weight
+  gradient for a 5x5 depthwise kernel runs 15-25x slower than its forward, while its 3x3 one is
+  fast. A k x k weight gradient is a set of k*k correlations of the (padded) input with the output
+  gradient, so it is assembled from 3x3 tiles of correlations, each a 3x3 depthwise weight gradient
+  on a shifted window of the input (four tiles, overlapping, for 5x5). The input gradient is the
+  depthwise convolution of the output gradient with the flipped kernel, and the bias gradient a sum.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["PointwiseConv", "DepthwiseConv"]
+
+# Set to False to compare with PyTorch's own kernels (benchmarks/conv_kernels.py, tests).
+FAST_CPU_KERNELS = True
+
+
+def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        FAST_CPU_KERNELS
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+_ONE = [1, 1]
+_ZERO = [0, 0]
+
+
+def _onednn_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 0,
+                 groups: int = 1) -> torch.Tensor:
+    return torch.ops.aten.mkldnn_convolution(x, weight, bias, [padding, padding], _ONE, _ONE, groups)
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: int, groups: int) -> torch.Tensor:
+    """PyTorch's convolution weight gradient (whatever kernel it picks), stride 1."""
+    return torch.ops.aten.convolution_backward(grad, x, weight, None, _ONE, [padding, padding], _ONE, False, _ZERO,
+                                               groups, [False, True, False])[1]
+
+
+class _PointwiseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_conv(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            w_t = weight.flatten(1).t().contiguous().view(weight.shape[1], weight.shape[0], 1, 1)
+            dx = _onednn_conv(grad, w_t, None)
+        if ctx.needs_input_grad[1]:
+            dw = _weight_grad(grad, x, weight, 0, 1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad.sum((0, 2, 3))
+        return dx, dw, db
+
+
+def _tile_offsets(k: int) -> list[int]:
+    """Start rows (and columns) of 3-wide tiles covering 0..k-1: [0, 2] for 5, [0, 3, 4] for 7."""
+    return sorted(set(range(0, k - 2, 3)) | {k - 3})
+
+
+def _depthwise_weight_grad(grad: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """d(loss)/d(weight) of a k x k 'same' depthwise convolution from 3x3 tiles (module docstring).
+
+    Tile (a, b) holds sum_{h,w} x_pad[h + a + i, w + b + j] * grad[h, w] for i, j < 3: the 3x3 weight
+    gradient of an unpadded convolution over the window of x_pad starting at (a, b)."""
+    _, c, h, w = x.shape
+    p = k // 2
+    x_pad = F.pad(x, (p, p, p, p))
+    probe = x.new_zeros(c, 1, 3, 3)  # only its shape matters to the weight gradient
+    out = x.new_empty(c, 1, k, k)
+    offsets = _tile_offsets(k)
+    for a in offsets:
+        for b in offsets:
+            window = x_pad[:, :, a:a + h + 2, b:b + w + 2]
+            out[:, :, a:a + 3, b:b + 3] = _weight_grad(grad, window, probe, 0, c)
+    return out
+
+
+class _DepthwiseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_conv(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        k, c = weight.shape[-1], x.shape[1]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_conv(grad, weight.flip(-1, -2).contiguous(), None, padding=k // 2, groups=c)
+        if ctx.needs_input_grad[1]:
+            dw = _depthwise_weight_grad(grad, x, k)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad.sum((0, 2, 3))
+        return dx, dw, db
+
+
+class PointwiseConv(nn.Conv2d):
+    """``nn.Conv2d(in_channels, out_channels, 1)``; float32 CPU forward and input gradient on oneDNN."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _fast_path(input, weight):
+            return _PointwiseFn.apply(input, weight, bias)
+        return super()._conv_forward(input, weight, bias)
+
+
+class DepthwiseConv(nn.Conv2d):
+    """``nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)`` for odd k; float32 CPU weight gradient
+    from 3x3 tiles when k > 3 (oneDNN's own 3x3 path is already fast)."""
+
+    def __init__(self, dim: int, kernel_size: int, bias: bool = True) -> None:
+        if kernel_size % 2 != 1:
+            raise ValueError(f"DepthwiseConv needs an odd kernel_size ('same' padding), got {kernel_size}")
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel_size[0] > 3 and _fast_path(input, weight):
+            return _DepthwiseFn.apply(input, weight, bias)
+        return super()._conv_forward(input, weight, bias)

@@ -1,0 +1,102 @@
+"""PointwiseConv and DepthwiseConv: nn.Conv2d with faster float32 CPU kernels and unchanged maths."""
+import pytest
+import torch
+from torch import nn
+
+from ssl_container.models import DepthwiseConv, PointwiseConv, container_light
+from ssl_container.models.convs import _depthwise_weight_grad, _tile_offsets
+
+
+def _reference_and_fast(fast, dtype=torch.float32):
+    """An nn.Conv2d with the same geometry and weights as ``fast``."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(fast.in_channels, fast.out_channels, fast.kernel_size, padding=fast.padding,
+                    groups=fast.groups, bias=fast.bias is not None)
+    fast.load_state_dict(ref.state_dict())
+    return ref.to(dtype), fast.to(dtype)
+
+
+def _grads(module, x, g):
+    x = x.detach().clone().requires_grad_()
+    y = module(x)
+    y.backward(g)
+    return y, [x.grad, module.weight.grad] + ([module.bias.grad] if module.bias is not None else [])
+
+
+CASES = [
+    (lambda: PointwiseConv(24, 40), "_PointwiseFnBackward", 40),
+    (lambda: PointwiseConv(24, 40, bias=False), "_PointwiseFnBackward", 40),
+    (lambda: DepthwiseConv(24, 5), "_DepthwiseFnBackward", 24),
+    (lambda: DepthwiseConv(24, 7, bias=False), "_DepthwiseFnBackward", 24),
+]
+
+
+@pytest.mark.parametrize("make, backward, out_channels", CASES)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("batch", [3, 20])  # below and above PyTorch's 16-image switch to oneDNN
+def test_fp32_cpu_kernels_match_conv2d(make, backward, out_channels, memory_format, batch):
+    ref, fast = _reference_and_fast(make())
+    x = torch.randn(batch, 24, 9, 7).contiguous(memory_format=memory_format)
+    g = torch.randn(batch, out_channels, 9, 7).contiguous(memory_format=memory_format)
+    y_ref, grads_ref = _grads(ref, x, g)
+    y, grads = _grads(fast, x, g)
+    assert y.grad_fn.name() == backward  # the fast kernels ran
+    assert y.is_contiguous(memory_format=memory_format)  # channels_last stays channels_last
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_weight_gradient_from_3x3_tiles_is_exact_in_fp64():
+    torch.manual_seed(1)
+    for k in (3, 5, 7, 9):
+        x = torch.randn(2, 6, 11, 8, dtype=torch.float64)
+        g = torch.randn(2, 6, 11, 8, dtype=torch.float64)
+        w = torch.randn(6, 1, k, k, dtype=torch.float64, requires_grad=True)
+        torch.nn.functional.conv2d(x, w, None, 1, k // 2, 1, 6).backward(g)
+        torch.testing.assert_close(_depthwise_weight_grad(g, x, k), w.grad, rtol=1e-12, atol=1e-12)
+    assert _tile_offsets(3) == [0] and _tile_offsets(5) == [0, 2] and _tile_offsets(7) == [0, 3, 4]
+
+
+@pytest.mark.parametrize("make", [lambda: PointwiseConv(24, 40), lambda: DepthwiseConv(24, 5)])
+def test_other_dtypes_onednn_off_and_autocast_take_the_ordinary_path(make):
+    ref, fast = _reference_and_fast(make(), torch.float64)
+    x = torch.randn(2, 24, 6, 6, dtype=torch.float64)
+    g = torch.randn_like(ref(x))
+    y_ref, grads_ref = _grads(ref, x, g)
+    y, grads = _grads(fast, x, g)
+    assert y.grad_fn.name() == "ConvolutionBackward0"
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    fast.float()
+    x = torch.randn(2, 24, 6, 6, requires_grad=True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert fast(x).grad_fn.name() == "ConvolutionBackward0"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).dtype == torch.bfloat16  # autocast's conv2d, not the fp32 kernels
+
+
+def test_pointwise_is_a_matrix_product_over_channels():
+    _, fast = _reference_and_fast(PointwiseConv(24, 40))
+    x = torch.randn(2, 24, 5, 5)
+    expect = torch.einsum("oc,bchw->bohw", fast.weight.detach().flatten(1), x) + fast.bias.detach().view(1, -1, 1, 1)
+    torch.testing.assert_close(fast(x), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_they_are_conv2ds_with_the_same_state_dict():
+    assert isinstance(PointwiseConv(4, 8), nn.Conv2d) and PointwiseConv(4, 8).kernel_size == (1, 1)
+    assert list(PointwiseConv(4, 8, bias=False).state_dict()) == ["weight"]
+    dw = DepthwiseConv(8, 5)
+    assert (dw.groups, dw.padding, dw.weight.shape) == (8, (2, 2), (8, 1, 5, 5))
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        DepthwiseConv(8, 4)
+
+
+def test_container_light_uses_them_everywhere():
+    model = container_light(num_classes=0)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    ones = [m for m in convs if m.kernel_size == (1, 1)]
+    depthwise = [m for m in convs if m.groups > 1]
+    # per block: input_proj, output_proj, fc1, fc2 and pos_embed (3x3), static affinity (5x5); 18 blocks
+    assert len(ones) == 4 * 18 and all(isinstance(m, PointwiseConv) for m in ones)
+    assert len(depthwise) == 2 * 18 and all(isinstance(m, DepthwiseConv) for m in depthwise)
+    assert sorted({m.kernel_size[0] for m in depthwise}) == [3, 5]
