@@ -47,7 +47,7 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments
     grad_checkpointing: bool = False
-    channels_last: bool = False  # feed crops as channels_last (weights stay contiguous: DeepSpeed broadcasts them)
+    channels_last: bool = True  # feed crops as channels_last (weights stay contiguous: DeepSpeed broadcasts them)
 
 
 @dataclass
