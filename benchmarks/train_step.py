@@ -1,25 +1,48 @@
-"""Time one full DINO training step (student, teacher, loss, backward, update, EMA).
+"""Time one full DINO training step (student, teacher, loss, backward, update, EMA), side by side.
 
     python benchmarks/train_step.py --model container_light --batch 4 --precision fp32 --threads 1 \
-        [--global-size 224 --n-local 8 --local-size 96] [--steps 3] [--impl both]
+        [--global-size 224 --n-local 8 --local-size 96] [--steps 5] [--impl deepspeed,eager,official] \
+        [--official-dino DIR --official-container DIR] [--rounds 3]
 
-Prints one JSON line per implementation:
+Prints one JSON line per implementation, then one with the speed-ups:
 
-* ``deepspeed``: the trainer's path (DeepSpeed engine, ZeRO-1, foreach AdamW, global-norm clipping,
-  foreach EMA, one backbone call per crop resolution, SDPA attention);
+* ``deepspeed``: the trainer's path (DeepSpeed engine with the run config's ZeRO stage, fused AdamW,
+  global-norm clipping, foreach EMA, one backbone call per crop resolution, channels_last crops,
+  the float32 CPU convolution kernels of ``ssl_container.models.convs``, the allocator setting of
+  ``ssl_container.runtime``);
+* ``deepspeed/MOD[/MOD...]``: the same with parts switched off, to see what each is worth:
+  ``no-retain-memory`` (``engine.cpu_retain_memory=false``), ``stock-kernels`` (PyTorch's own
+  convolution kernels instead of those of ``ssl_container.models.convs``), ``nchw``
+  (``model.channels_last=false``);
 * ``eager``: the same model and loss in the way DINO's reference loop is written (plain
-  ``torch.optim.AdamW`` with per-parameter loops, per-tensor gradient clipping, a Python EMA loop).
+  ``torch.optim.AdamW`` with per-parameter loops, per-tensor gradient clipping, a Python EMA loop,
+  contiguous crops);
+* ``official``: the official code itself, when checkouts are given: ``--official-dino`` (a clone of
+  facebookresearch/dino: its ``utils.MultiCropWrapper``, ``vision_transformer.DINOHead``,
+  ``main_dino.DINOLoss``, clipping, last-layer cancelling, AdamW and EMA loop as in
+  ``train_one_epoch``) and ``--official-container`` (a clone of allenai/container: its
+  ``models.container_v1_light``). Nothing of either is copied here. The official PatchEmbed asserts
+  a 224 input; a forward pre-hook sets its ``img_size`` to the input's so the 96 px crops pass
+  (nothing in the model depends on it).
 
-Synthetic crops: data loading is measured by benchmarks/data_throughput.py. The issue's reference,
-the official DINO code with the official Container-Light at fp32, batch 4, 2x224 + 8x96, one
-thread, took 7.5 s per step on this machine (ViT-S/16: 5.5 s).
+Each implementation runs in a fresh process of its own (the allocator setting is per process and
+must not leak into the others), ``--rounds`` times alternating, and reports the median and minimum
+step over all its timed steps. Synthetic crops: data loading is measured by
+benchmarks/data_throughput.py. The issue's reference, the official DINO code with the official
+Container-Light at fp32, batch 4, 2x224 + 8x96, one thread, took 7.5 s per step (ViT-S/16: 5.5 s).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _crops(batch: int, n_global: int, global_size: int, n_local: int, local_size: int, device):
@@ -34,27 +57,48 @@ def _crops(batch: int, n_global: int, global_size: int, n_local: int, local_size
 def _config(args):
     from ssl_container.config import load_config
 
-    return load_config(None, [
+    overrides = [
         f"model.name={args.model}", f"data.batch_size={args.batch}", f"engine.precision={args.precision}",
         f"engine.device={args.device}", f"data.crops.global_size={args.global_size}",
-        f"data.crops.n_local={args.n_local}", f"data.crops.local_size={args.local_size}",
-        f"model.channels_last={args.channels_last}", "data.urls=[unused]",
+        f"data.crops.n_local={args.n_local}", f"data.crops.local_size={args.local_size}", "data.urls=[unused]",
         f"engine.zero_stage={args.zero_stage}", f"engine.compile={args.compile}",
-    ] + (["model.kwargs={dynamic_img_size: true}"] if args.model.startswith("vit") else []))
+    ]
+    if args.channels_last is not None:
+        overrides.append(f"model.channels_last={args.channels_last}")
+    if args.model.startswith("vit"):
+        overrides.append("model.kwargs={dynamic_img_size: true}")
+    return load_config(None, overrides)
 
 
-def bench_deepspeed(args) -> dict:
+def _device(args):
     import torch
+
+    return torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+_MODS = ("no-retain-memory", "stock-kernels", "nchw")
+
+
+def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
+    import torch
+
+    import ssl_container.models.convs as convs
 
     from ssl_container.dino import DINOLoss, get_param_groups
     from ssl_container.distributed import cleanup, init_distributed
     from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision,
                                       initialize_engine, make_teacher, select_device)
+    from ssl_container.runtime import retain_freed_memory
     from ssl_container.train import build_student
 
     cfg = _config(args)
+    cfg.engine.cpu_retain_memory = cfg.engine.cpu_retain_memory and "no-retain-memory" not in mods
+    cfg.model.channels_last = cfg.model.channels_last and "nchw" not in mods
+    convs.FAST_CPU_KERNELS = "stock-kernels" not in mods
     device = select_device(cfg)
     init_distributed(device)
+    if device.type == "cpu" and cfg.engine.cpu_retain_memory:
+        retain_freed_memory()
     precision = effective_precision(cfg, device)
     torch.manual_seed(0)
     student = build_student(cfg).to(device)
@@ -77,7 +121,10 @@ def bench_deepspeed(args) -> dict:
         return loss
 
     try:
-        return _time(step, args, device, "deepspeed", precision)
+        extra = {"zero_stage": cfg.engine.zero_stage, "compile": cfg.engine.compile,
+                 "channels_last": cfg.model.channels_last, "retain_memory": cfg.engine.cpu_retain_memory,
+                 "fast_cpu_kernels": convs.FAST_CPU_KERNELS}
+        return _time(step, args, device, "/".join(("deepspeed", *mods)), precision, extra)
     finally:
         cleanup()
 
@@ -90,7 +137,7 @@ def bench_eager(args) -> dict:
     from ssl_container.train import build_student
 
     cfg = _config(args)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = _device(args)
     torch.manual_seed(0)
     student = build_student(cfg).to(device)
     teacher = make_teacher(student)
@@ -116,10 +163,68 @@ def bench_eager(args) -> dict:
                 pt.mul_(0.996).add_((1 - 0.996) * ps.detach())
         return loss
 
-    return _time(step, args, device, "eager", "fp32")
+    return _time(step, args, device, "eager", "fp32", {"channels_last": False})
 
 
-def _time(step, args, device, impl: str, precision: str) -> dict:
+def bench_official(args) -> dict:
+    """facebookresearch/dino's train_one_epoch body on allenai/container's Container-Light, fp32."""
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    if args.model != "container_light":
+        raise SystemExit("--impl official is wired for --model container_light only")
+    sys.path[:0] = [str(Path(args.official_container).resolve()), str(Path(args.official_dino).resolve())]
+    import main_dino  # noqa: E402  (official DINO)
+    import models as official_models  # noqa: E402  (official Container)
+    import utils  # noqa: E402  (official DINO)
+    from vision_transformer import DINOHead  # noqa: E402
+
+    if not dist.is_initialized():  # DINOLoss.update_center all-reduces the center
+        store = tempfile.NamedTemporaryFile(prefix="dino_pg_", delete=False).name
+        os.remove(store)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    device = _device(args)
+    torch.manual_seed(0)
+
+    def backbone(**kw):
+        net = official_models.container_v1_light(num_classes=0, **kw)
+        for m in net.modules():
+            if type(m).__name__ == "PatchEmbed":
+                m.register_forward_pre_hook(lambda mod, inp: setattr(mod, "img_size", tuple(inp[0].shape[-2:])))
+        return net
+
+    student = utils.MultiCropWrapper(backbone(drop_path_rate=0.1), DINOHead(512, 65536, use_bn=False, norm_last_layer=True))
+    teacher = utils.MultiCropWrapper(backbone(), DINOHead(512, 65536, False))
+    student, teacher = student.to(device), teacher.to(device)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    dino_loss = main_dino.DINOLoss(65536, args.n_local + 2, 0.04, 0.04, 0, 100).to(device)
+    optimizer = torch.optim.AdamW(utils.get_params_groups(student))
+    crops = _crops(args.batch, 2, args.global_size, args.n_local, args.local_size, device)
+
+    def step():
+        with torch.no_grad():
+            teacher_output = teacher(crops[:2])
+        loss = dino_loss(student(crops), teacher_output, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        utils.clip_gradients(student, 3.0)
+        utils.cancel_gradients_last_layer(0, student, 1)
+        optimizer.step()
+        with torch.no_grad():
+            for param_q, param_k in zip(student.parameters(), teacher.parameters()):
+                param_k.data.mul_(0.996).add_((1 - 0.996) * param_q.detach().data)
+        return loss
+
+    return _time(step, args, device, "official", "fp32", {"channels_last": False})
+
+
+def _time(step, args, device, impl: str, precision: str, extra: dict) -> dict:
+    import resource
+
     import torch
 
     for _ in range(args.warmup):
@@ -127,21 +232,49 @@ def _time(step, args, device, impl: str, precision: str) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     return {
-        "impl": impl, "model": args.model, "batch": args.batch, "crops": f"2x{args.global_size}+{args.n_local}x{args.local_size}",
-        "precision": precision, "device": str(device), "threads": torch.get_num_threads(),
-        "zero_stage": args.zero_stage if impl == "deepspeed" else None, "compile": args.compile and impl == "deepspeed",
-        "channels_last": args.channels_last, "step_s": round(median, 3), "images_per_s": round(args.batch / median, 3), "steps": args.steps,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "impl": impl, "model": args.model, "batch": args.batch,
+        "crops": f"2x{args.global_size}+{args.n_local}x{args.local_size}", "precision": precision,
+        "device": str(device), "threads": torch.get_num_threads(), **extra,
+        "step_s": [round(t, 3) for t in times], "page_faults_per_step": round(faults / max(len(times), 1)),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+_BENCH = {"deepspeed": bench_deepspeed, "eager": bench_eager, "official": bench_official}
+
+
+def _child(args) -> None:
+    base, *mods = args.child.split("/")
+    result = _BENCH[base](args, tuple(mods)) if mods else _BENCH[base](args)
+    print(json.dumps(result), flush=True)
+
+
+def _run_child(impl: str, argv: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *argv, "--child", impl], cwd=REPO, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{impl} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -154,27 +287,55 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="deepspeed path: override model.channels_last (default: the config's, on)")
     parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (engine.compile)")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--impl", default="both", choices=["deepspeed", "eager", "both"])
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times")
+    parser.add_argument("--impl", default="deepspeed,eager",
+                        help="comma-separated: deepspeed, eager, official (official needs the two options below)")
+    parser.add_argument("--official-dino", help="a checkout of facebookresearch/dino")
+    parser.add_argument("--official-container", help="a checkout of allenai/container")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         import torch
 
         torch.set_num_threads(args.threads)
-    impls = ["deepspeed", "eager"] if args.impl == "both" else [args.impl]
+    if args.child:
+        return _child(args)
+
+    impls = ["deepspeed", "eager"] if args.impl == "both" else [i.strip() for i in args.impl.split(",") if i.strip()]
+    unknown = [i for i in impls if i.split("/")[0] not in _BENCH
+               or (i.split("/")[1:] and (i.split("/")[0] != "deepspeed" or set(i.split("/")[1:]) - set(_MODS)))]
+    if unknown:
+        parser.error(f"unknown --impl {unknown}; choose from {sorted(_BENCH)}, or deepspeed/MOD with MOD in {_MODS}")
+    if "official" in impls and not (args.official_dino and args.official_container):
+        parser.error("--impl official needs --official-dino DIR and --official-container DIR (checkouts of "
+                     "facebookresearch/dino and allenai/container)")
+    argv = [a for a in sys.argv[1:]]
+    runs: dict[str, list[dict]] = {i: [] for i in impls}
+    for _ in range(args.rounds):
+        for impl in impls:
+            runs[impl].append(_run_child(impl, argv))
     results = {}
-    for impl in impls:
-        results[impl] = (bench_deepspeed if impl == "deepspeed" else bench_eager)(args)
+    for impl, rows in runs.items():
+        steps = [t for r in rows for t in r["step_s"]]
+        results[impl] = {**rows[-1], "step_s": round(statistics.median(steps), 3), "min_step_s": round(min(steps), 3),
+                         "all_steps_s": steps, "images_per_s": round(args.batch / statistics.median(steps), 3),
+                         "rounds": args.rounds}
         print(json.dumps(results[impl]), flush=True)
-    if len(results) == 2:
-        ds, eager = results["deepspeed"]["step_s"], results["eager"]["step_s"]
-        print(json.dumps({"speedup_vs_eager": round(eager / ds, 3),
-                          "speedup_vs_official_reference_7.5s": round(7.5 / ds, 3) if args.model == "container_light" else None}))
+    ds = results.get("deepspeed", {}).get("step_s")
+    if ds:
+        summary = {f"speedup_vs_{impl}": round(r["step_s"] / ds, 3) for impl, r in results.items() if impl != "deepspeed"}
+        summary.update({f"min_speedup_vs_{impl}": round(r["min_step_s"] / results["deepspeed"]["min_step_s"], 3)
+                        for impl, r in results.items() if impl != "deepspeed"})
+        if args.model == "container_light":
+            summary["speedup_vs_issue_reference_7.5s"] = round(7.5 / ds, 3)
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":
