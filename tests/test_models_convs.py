@@ -33,11 +33,13 @@ CASES = [
 
 @pytest.mark.parametrize("make, backward, out_channels", CASES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("batch", [3, 20])  # below and above PyTorch's 16-image switch to oneDNN
-def test_fp32_cpu_kernels_match_conv2d(make, backward, out_channels, memory_format, batch):
+# below and above PyTorch's 16-image switch to oneDNN, and below and above 4096 positions (the
+# 1x1 input gradient's switch to oneDNN's forward kernel)
+@pytest.mark.parametrize("batch, h, w", [(3, 9, 7), (20, 9, 7), (3, 40, 36), (20, 16, 16)])
+def test_fp32_cpu_kernels_match_conv2d(make, backward, out_channels, memory_format, batch, h, w):
     ref, fast = _reference_and_fast(make())
-    x = torch.randn(batch, 24, 9, 7).contiguous(memory_format=memory_format)
-    g = torch.randn(batch, out_channels, 9, 7).contiguous(memory_format=memory_format)
+    x = torch.randn(batch, 24, h, w).contiguous(memory_format=memory_format)
+    g = torch.randn(batch, out_channels, h, w).contiguous(memory_format=memory_format)
     y_ref, grads_ref = _grads(ref, x, g)
     y, grads = _grads(fast, x, g)
     assert y.grad_fn.name() == backward  # the fast kernels ran

@@ -11,9 +11,9 @@ plain ``nn.Conv2d``. On a float32 CPU input they compute the same function and t
   when single-threaded"): with one thread and fewer than 16 images it runs im2col + MKL GEMM,
   otherwise oneDNN. On AVX-512 CPUs oneDNN's kernel on channels_last maps is the faster one, also
   for the 8-image global-crop batches of a 4-image DINO step (``benchmarks/conv_kernels.py``). The
-  forward therefore calls oneDNN directly, and so does the input gradient, which is the forward
-  convolution of the output gradient with the transposed weight (oneDNN's forward kernel is faster
-  than its backward-data one); the weight gradient is PyTorch's own.
+  forward therefore calls oneDNN directly, and so does the input gradient of large maps, which is
+  the forward convolution of the output gradient with the transposed weight (oneDNN's forward kernel
+  is faster than its backward-data one there); the weight gradient is PyTorch's own.
 * **k x k depthwise, k > 3 (``DepthwiseConv``)**, the static affinity (5x5). oneDNN's weight
   gradient for a 5x5 depthwise kernel runs 15-25x slower than its forward, while its 3x3 one is
   fast. A k x k weight gradient is a set of k*k correlations of the (padded) input with the output
@@ -47,6 +47,9 @@ def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 _ONE = [1, 1]
 _ZERO = [0, 0]
+# Below this many positions (images x height x width) a 1x1 input gradient through oneDNN's forward
+# kernel no longer pays (benchmarks/conv_kernels.py: it loses at 32 x 6 x 6, wins from 32 x 12 x 12).
+_SEPARATE_BACKWARD_MIN_POSITIONS = 4096
 
 
 def _onednn_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 0,
@@ -70,13 +73,18 @@ class _PointwiseFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        want_dx, want_dw, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if grad.numel() // grad.shape[1] < _SEPARATE_BACKWARD_MIN_POSITIONS:
+            # Small maps: one call for all three gradients beats three (oneDNN shares its reorders).
+            return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]] if want_db else None, _ONE, _ZERO,
+                                                       _ONE, False, _ZERO, 1, [want_dx, want_dw, want_db])
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if want_dx:
             w_t = weight.flatten(1).t().contiguous().view(weight.shape[1], weight.shape[0], 1, 1)
             dx = _onednn_conv(grad, w_t, None)
-        if ctx.needs_input_grad[1]:
+        if want_dw:
             dw = _weight_grad(grad, x, weight, 0, 1)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if want_db:
             db = grad.sum((0, 2, 3))
         return dx, dw, db
 
