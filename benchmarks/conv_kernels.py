@@ -18,6 +18,8 @@ import os
 import time
 from collections import Counter
 
+from step_args import add_step_arguments
+
 
 def _best(fn, repeat: int) -> float:
     fn()
@@ -31,12 +33,7 @@ def _best(fn, repeat: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="container_light")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--n-local", type=int, default=8)
-    parser.add_argument("--local-size", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=None)
+    add_step_arguments(parser)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     if args.threads:

@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from step_args import add_step_arguments
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -279,14 +281,9 @@ def _run_child(impl: str, argv: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="container_light")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--global-size", type=int, default=224)
-    parser.add_argument("--n-local", type=int, default=8)
-    parser.add_argument("--local-size", type=int, default=96)
+    add_step_arguments(parser)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="deepspeed path: override model.channels_last (default: the config's, on)")
     parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
