@@ -8,9 +8,9 @@ Choices that follow from DINO's structure (dino.md, local_slurm.md):
   (so the EMA reads them directly) and runs convolutions and matmuls in bf16. ``fp16`` uses
   DeepSpeed's loss-scaled fp16 mode, whose fp32 master weights are fetched for the EMA.
 * The optimizer is plain ``torch.optim.AdamW``/``SGD`` with its fused kernels (CUDA and, since
-  torch 2.4, CPU: one pass over each tensor instead of the ten or so of the per-tensor fallback the
-  foreach path takes on CPU) handed to DeepSpeed, so nothing is JIT-compiled; the schedules write lr
-  and weight decay into its groups every step.
+  torch 2.4, CPU, where the foreach path falls back to several per-tensor passes) handed to
+  DeepSpeed, so nothing is JIT-compiled; the schedules write lr and weight decay into its groups
+  every step.
 * Checkpoints are read back with ``torch.load(weights_only=True)``, allowing only the few DeepSpeed
   classes its own files contain: resuming never unpickles arbitrary objects.
 """
@@ -88,7 +88,7 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
     return ds
 
 
-def build_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     # DeepSpeed's elastic ZeRO checkpoints record a per-group "step" (its own optimizers keep one);
     # torch's keep it per parameter, so give the groups a placeholder for the format's sake.
     for group in param_groups:
@@ -153,7 +153,7 @@ def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[d
         # cores) that only its inference path uses; training all-reduces go through gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     ds_config = build_deepspeed_config(cfg, world_size, device, load_universal)
-    optimizer = build_optimizer(cfg, param_groups, device)
+    optimizer = build_optimizer(cfg, param_groups)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
