@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["PointwiseConv", "DepthwiseConv"]
 
@@ -71,6 +72,7 @@ class _PointwiseFn(torch.autograd.Function):
         return _onednn_conv(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # double backward is neither needed by DINO nor tested here: refuse it clearly
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         want_dx, want_dw, want_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
@@ -120,6 +122,7 @@ class _DepthwiseFn(torch.autograd.Function):
         return _onednn_conv(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
     @staticmethod
+    @once_differentiable  # double backward is neither needed by DINO nor tested here: refuse it clearly
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         k, c = weight.shape[-1], x.shape[1]
