@@ -313,7 +313,7 @@ def main() -> None:
     if "official" in impls and not (args.official_dino and args.official_container):
         parser.error("--impl official needs --official-dino DIR and --official-container DIR (checkouts of "
                      "facebookresearch/dino and allenai/container)")
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     runs: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds):
         for impl in impls:

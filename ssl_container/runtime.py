@@ -7,8 +7,8 @@ it is free. A DINO step on CPU allocates gigabytes of activations and gradients 
 activation of 8 global crops is 51 MiB) and frees them again at the end of the backward pass, so
 the next step faults every page in anew: on the 2-core development VM that was 360,000 page faults
 and 1.5-2 s of kernel time in an 8.4 s step. Telling glibc to serve everything from the heap and
-never trim it makes the memory of step *n* the memory of step *n+1*; after the first step the
-process takes no page faults at all (measured: 2 minor faults per step).
+never trim it makes the memory of step *n* the memory of step *n+1*: once the heap has settled
+(two or three steps) the process takes almost no page faults (measured: 2-8 minor faults per step).
 
 The cost is that the process keeps its high-water mark resident, which a training process reaches
 in its first step anyway. The setting is inherited by forked DataLoader workers.
