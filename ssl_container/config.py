@@ -70,6 +70,7 @@ class DinoConfig:
     momentum_teacher: float = 0.996
     freeze_last_layer: int = 1  # epochs with the prototype layer at lr 0
     sinkhorn_knopp: bool = False
+    koleo_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-crop features (DINOv2: 0.1)
 
 
 @dataclass
@@ -95,6 +96,9 @@ class CropConfig:
     n_local: int = 8
     local_size: int = 96
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # Gaussian-blur sigma in pixels of the output crop (DINO's 0.1-2.0 is for 224 / 96 px crops: scale it
+    # down with the crop size, or a 64 px crop is blurred as a 224 px one would be by sigma 7)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
 
 
 @dataclass
@@ -243,6 +247,11 @@ def _validate(cfg: TrainConfig) -> None:
         lo_hi = getattr(cfg.data.crops, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
             raise ConfigError(f"config key 'data.crops.{key}' must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
+    if cfg.dino.koleo_weight < 0:
+        raise ConfigError(f"config key 'dino.koleo_weight' must be >= 0 (0 disables KoLeo), got {cfg.dino.koleo_weight}")
+    sig = cfg.data.crops.blur_sigma
+    if len(sig) != 2 or not 0 < sig[0] <= sig[1]:
+        raise ConfigError(f"config key 'data.crops.blur_sigma' must be [low, high] with 0 < low <= high, got {sig}")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
     if cfg.optim.warmup_epochs > cfg.epochs:

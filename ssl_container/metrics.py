@@ -86,7 +86,8 @@ class MetricsLogger:
         elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
             parts = [f"step {step}/{self.total}"] + [
                 f"{k} {v:.4g}" for k, v in rec.items()
-                if k in ("loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s", "data_wait")
+                if k in ("loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s", "data_wait",
+                         "teacher_entropy", "kl", "prototypes_used")
                 and isinstance(v, (int, float))
             ]
             print(" | ".join(parts), flush=True)
@@ -129,7 +130,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
 
     panels = [("loss", "DINO loss"), ("lr", "learning rate"), ("wd", "weight decay"),
               ("momentum", "teacher momentum"), ("teacher_temp", "teacher temperature"),
-              ("grad_norm", "gradient norm (global)"), ("images_per_s", "images / s"), ("data_wait", "data-wait fraction")]
+              ("grad_norm", "gradient norm (global)"), ("images_per_s", "images / s"), ("data_wait", "data-wait fraction"),
+              ("teacher_entropy", "teacher entropy (nats; collapse: ln K uniform, 0 one-hot)"),
+              ("kl", "student-teacher KL (collapse: -> 0)"),
+              ("prototypes_used", "share of prototypes chosen in a batch (one-hot collapse: -> 0)"),
+              ("koleo", "KoLeo loss")]
     panels = [(k, t) for k, t in panels if any(isinstance(r.get(k), (int, float)) for r in records)]
     cols = 2
     rows = math.ceil(len(panels) / cols)

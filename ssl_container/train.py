@@ -27,7 +27,8 @@ from torch import nn
 from ssl_container import distributed as D
 from ssl_container.checkpoint import CheckpointManager, TrainState
 from ssl_container.config import TrainConfig, config_digest, load_config, save_config
-from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups
+from ssl_container.dino import (CollapseMonitor, DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups,
+                                koleo_loss)
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher, select_device)
 from ssl_container.metrics import MetricsLogger, plot_run
@@ -67,7 +68,8 @@ def data_config(cfg: TrainConfig):
         shuffle_buffer=d.shuffle_buffer, samples_per_epoch=d.samples_per_epoch, seed=cfg.seed,
         max_bad_fraction=d.max_bad_fraction, augment_on=d.augment_on,
         multicrop=MultiCropConfig(n_global=c.n_global, global_size=c.global_size, global_scale=tuple(c.global_scale),
-                                  n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale)),
+                                  n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale),
+                                  blur_sigma=tuple(c.blur_sigma)),
     )
 
 
@@ -172,6 +174,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
                  precision, cfg.engine.zero_stage, state.step)
 
     monitor = _OnlineKNN(cfg, env, device) if cfg.monitor.every_epochs > 0 else None
+    collapse = CollapseMonitor(cfg.head.out_dim, rows=crops.n_global * cfg.data.batch_size)
     engine.train()
     teacher.train()  # batch statistics, as DINO's teacher
     loader = batches = None
@@ -187,6 +190,10 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
                                      device, precision, env)
                 record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
                 metrics.log(state.step, record)
+                warning = collapse.update(state.step, record)
+                if warning and env.is_main:
+                    log.warning(warning)
+                    metrics.event("collapse_warning", step=state.step, message=warning)
                 if state.consecutive_nonfinite >= cfg.max_nonfinite:
                     folder = ckpt.save(engine, teacher, dino_loss.center, state)
                     raise NonFiniteLossError(
@@ -246,7 +253,7 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
     n_global = cfg.data.crops.n_global
     t0 = time.perf_counter()
     wait = 0.0
-    losses, finite_all, images = [], True, 0
+    losses, finite_all, images, stats, koleo_values = [], True, 0, {}, []
     # BatchNorm statistics move in every forward and the center in every loss; a skipped step must
     # leave them all untouched.
     buffers = [b for m in (teacher, engine.module, dino_loss) for b in m.buffers()]
@@ -263,8 +270,16 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
         images += crops[0].shape[0]
         with torch.no_grad(), autocast_context(precision, device):
             teacher_out = teacher(crops[:n_global])
-        student_out = engine(crops)
+        if cfg.dino.koleo_weight > 0:
+            feats, student_out = engine(crops, return_features=True)
+        else:
+            student_out = engine(crops)
         loss = dino_loss(student_out, teacher_out, teacher_temp)
+        if cfg.dino.koleo_weight > 0:
+            # DINOv2: on the student's global crops, each crop's batch on its own.
+            koleo = sum(koleo_loss(f) for f in feats[:n_global * crops[0].shape[0]].chunk(n_global))
+            koleo_values.append(float(koleo.detach()))
+            loss = loss + cfg.dino.koleo_weight * koleo
         if it in _FAULT_NAN_STEPS:  # fault injection for the tests of the non-finite path
             loss = loss * float("nan")
         # Every rank must take the same branch, or the gradient all-reduce waits forever.
@@ -277,6 +292,7 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().float().item() if finite else float("nan"))
+        stats = {k: v.item() for k, v in dino_loss.last_stats.items()} if finite else {}
     if finite_all:
         ema_update(teacher, engine, momentum)
         state.consecutive_nonfinite = 0
@@ -297,6 +313,8 @@ def _train_step(cfg, state, sched, engine, optimizer, teacher, dino_loss, batche
         "data_wait": wait / max(elapsed, 1e-9),
         "skipped_steps": state.skipped_steps,
         "epoch": state.step // sched.niter_per_ep,
+        **stats,
+        **({"koleo": sum(koleo_values) / len(koleo_values)} if koleo_values and finite_all else {}),
     }
     if device.type == "cuda":
         record["memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

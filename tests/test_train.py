@@ -5,6 +5,7 @@ to seconds; the mechanics under test (engine, EMA, center, checkpoints, resume) 
 the width.
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -178,7 +179,7 @@ engine, opt, _ = initialize_engine(cfg, student, get_param_groups(student), devi
 for g in opt.param_groups:
     g["lr"] = 1e-3
 crops = [torch.randn(8, 3, 64, 64) for _ in range(2)] + [torch.randn(8, 3, 32, 32) for _ in range(2)]
-losses = []
+losses, kls, used = [], [], []
 for step in range(25):
     with torch.no_grad():
         t = teacher(crops[:2])
@@ -187,7 +188,9 @@ for step in range(25):
     engine.step()
     ema_update(teacher, engine, 0.9)
     losses.append(loss.item())
-print(losses[0], min(losses[-5:]))
+    kls.append(loss_fn.last_stats["kl"].item())
+    used.append(loss_fn.last_stats["prototypes_used"].item())
+print(losses[0], min(losses[-5:]), kls[0], min(kls[-5:]), min(used))
 """
 
 
@@ -195,5 +198,32 @@ def test_loss_falls_when_overfitting_a_fixed_batch():
     proc = subprocess.run([sys.executable, "-c", OVERFIT, *TINY[5:]], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    first, last = map(float, proc.stdout.split()[-2:])
+    first, last, kl_first, kl_last, min_used = map(float, proc.stdout.split()[-5:])
     assert first > 4.0 and last < 0.6 * first, (first, last)
+    # The diagnostics move the right way: the student closes in on the teacher (KL falls) while the
+    # teacher keeps spreading the 8 images over several prototypes (no one-hot collapse).
+    assert kl_last < 0.5 * kl_first, (kl_first, kl_last)
+    assert min_used > 1 / 16, min_used
+
+
+def test_collapse_diagnostics_logged_and_forced_uniform_collapse_warned(tmp_path):
+    run = tmp_path / "run"
+    # A teacher temperature of 100 flattens every teacher output: the uniform collapse, forced.
+    proc = _run(run, "epochs=4", "max_steps=21", "checkpoint.every_steps=100", "dino.teacher_temp=100",
+                "dino.warmup_teacher_temp=100")
+    records = read_metrics(run / "metrics.jsonl")
+    for key in ("teacher_entropy", "kl", "prototypes_used"):
+        assert all(isinstance(r[key], float) for r in records), key
+    assert records[-1]["teacher_entropy"] > 0.99 * math.log(256)
+    assert "collapsing to the uniform distribution" in proc.stderr and "dino.teacher_temp" in proc.stderr
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [e["step"] for e in events if e["event"] == "collapse_warning"] == [20]
+
+
+def test_healthy_run_raises_no_collapse_warning(tmp_path):
+    run = tmp_path / "run"
+    proc = _run(run, "epochs=4", "max_steps=21", "checkpoint.every_steps=100")
+    assert "collaps" not in proc.stderr
+    records = read_metrics(run / "metrics.jsonl")
+    assert max(r["teacher_entropy"] for r in records) < 0.9 * math.log(256)
+    assert min(r["prototypes_used"] for r in records) > 1 / 8

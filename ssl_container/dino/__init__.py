@@ -5,6 +5,8 @@ tests and benchmarks can use it alike. ``loss.py`` is the one place that touches
 ``torch.distributed`` (the center and Sinkhorn-Knopp sums span all ranks).
 """
 
+from .diagnostics import CollapseMonitor, collapse_stats
+from .koleo import koleo_loss
 from .head import DINOHead, is_last_layer_parameter_name
 from .loss import DINOLoss, sinkhorn_knopp
 from .multicrop import MultiCropWrapper, group_crops_by_resolution
@@ -19,6 +21,8 @@ from .schedules import (
 )
 
 __all__ = [
+    "CollapseMonitor",
+    "collapse_stats",
     "DINOHead",
     "DINOLoss",
     "DINOSchedules",
@@ -30,6 +34,7 @@ __all__ = [
     "get_param_groups",
     "group_crops_by_resolution",
     "is_last_layer_parameter_name",
+    "koleo_loss",
     "linear_warmup_value",
     "sinkhorn_knopp",
 ]

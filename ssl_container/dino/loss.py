@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .diagnostics import collapse_stats
+
 __all__ = ["DINOLoss", "sinkhorn_knopp"]
 
 
@@ -128,6 +130,7 @@ class DINOLoss(nn.Module):
         self.use_sinkhorn_knopp = sinkhorn_knopp
         self.sinkhorn_iterations = sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.last_stats: dict[str, torch.Tensor] = {}
 
     @property
     def n_loss_terms(self) -> int:
@@ -189,6 +192,8 @@ class DINOLoss(nn.Module):
         all_pairs = (p_teacher.sum(0) * log_p_student.sum(0)).sum(-1)  # (B,)
         same_view = (p_teacher * log_p_student[:ng]).sum(dim=(0, 2))  # (B,)
         loss = -(all_pairs - same_view).mean() / self.n_loss_terms
+        # Collapse diagnostics for the trainer's log; tensors, so reading them is the only sync.
+        self.last_stats = collapse_stats(p_teacher.view(-1, self.out_dim), loss)
 
         if not self.use_sinkhorn_knopp:
             self.update_center(teacher_out)

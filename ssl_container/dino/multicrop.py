@@ -102,9 +102,12 @@ class MultiCropWrapper(nn.Module):
             outputs.append(self._backbone_call(batch))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
-    def forward(self, crops: Crops) -> torch.Tensor:
-        """Head outputs of all crops, ``(ncrops * B, out_dim)``, crop-major."""
-        return self.head(self.features(crops))
+    def forward(self, crops: Crops, return_features: bool = False):
+        """Head outputs of all crops, ``(ncrops * B, out_dim)``, crop-major; with
+        ``return_features`` the pair ``(backbone features, head outputs)`` (an engine wrapping this
+        module passes keyword arguments through to it)."""
+        feats = self.features(crops)
+        return (feats, self.head(feats)) if return_features else self.head(feats)
 
     def forward_with_features(self, crops: Crops) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features, head outputs)`` from one pass, for monitoring feature statistics."""
