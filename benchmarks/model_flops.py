@@ -11,7 +11,7 @@ import json
 
 from ssl_container.models.info import describe
 
-MODELS = ("container_light", "container", "container_pam")
+MODELS = ("container_light", "container", "container_pam", "container_light_narrow")
 
 
 def main() -> None:

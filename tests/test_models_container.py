@@ -219,3 +219,19 @@ def test_timm_pretrained_from_local_file(tmp_path):
     model = timm.create_model("container_light", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
     for name, t in model.state_dict().items():
         torch.testing.assert_close(t, source.state_dict()[name])
+
+
+def test_narrow_member_is_container_light_at_a_quarter_of_the_widths():
+    import timm
+
+    from ssl_container.models import container_light_narrow
+
+    narrow, full = container_light_narrow(num_classes=0), container_light(num_classes=0)
+    # The same blocks, in the same places: module types and names match one for one.
+    assert [(n, type(m)) for n, m in narrow.named_modules()] == [(n, type(m)) for n, m in full.named_modules()]
+    assert narrow.embed_dims == tuple(d // 4 for d in full.embed_dims) == (16, 32, 80, 128)
+    assert narrow.stage_affinities == full.stage_affinities
+    assert count_parameters(narrow) == 1_302_291
+    assert count_macs(narrow, (224, 224)) == 253_714_944
+    assert narrow.num_features == 128
+    assert count_parameters(timm.create_model("container_light_narrow", num_classes=0)) == 1_302_291

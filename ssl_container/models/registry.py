@@ -19,6 +19,7 @@ __all__ = [
     "container_light",
     "container",
     "container_pam",
+    "container_light_narrow",
     "create_model",
     "list_models",
     "convert_official_state_dict",
@@ -33,6 +34,10 @@ MODEL_ARGS: dict[str, dict[str, Any]] = {
     "container_light": dict(stage_affinities=("conv", "conv", "conv", "attention+conv")),
     "container": dict(stage_affinities=("attention+conv",) * 4),
     "container_pam": dict(stage_affinities=("attention+mlp",) * 4, img_size=224),
+    # This project's, not the paper's: Container-Light's blocks, depths and stage layout at a quarter
+    # of the widths, for CPU demos and small-budget recipes (about 16x fewer MACs).
+    "container_light_narrow": dict(stage_affinities=("conv", "conv", "conv", "attention+conv"),
+                                   embed_dims=(16, 32, 80, 128)),
 }
 
 _CFG = dict(
@@ -85,10 +90,17 @@ def container_pam(pretrained: bool = False, **kwargs: Any) -> Container:
     return _build("container_pam", pretrained, **kwargs)
 
 
+def container_light_narrow(pretrained: bool = False, **kwargs: Any) -> Container:
+    """This project's quarter-width Container-Light (widths 16/32/80/128, same blocks and depths):
+    not a network of the paper; for CPU demos and small-budget pretraining."""
+    return _build("container_light_narrow", pretrained, **kwargs)
+
+
 _CONSTRUCTORS: dict[str, Callable[..., Container]] = {
     "container_light": container_light,
     "container": container,
     "container_pam": container_pam,
+    "container_light_narrow": container_light_narrow,
 }
 
 
