@@ -1,0 +1,98 @@
+"""One k-NN protocol for every learning figure: the trained teacher, random init and raw pixels.
+
+A pretraining result only means something next to its floors, measured the same way: the same
+held-out images, the same resize + centre crop, the same reference set and DINO's weighted vote
+(k = 20, T = 0.07, cosine similarity). This module holds that protocol once; the demo and
+``benchmarks/learning.py`` both call it, so their rows are comparable.
+
+The held-out and reference images are decoded once into memory (``EvalSplit``): a learning curve
+evaluates the same images many times, and decoding dominates the cost for small backbones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from eval.features import DataSource, make_loader, resolve_data
+from eval.knn import knn_classify
+from ssl_container.data.augment import EvalTransformConfig
+
+__all__ = ["RawPixels", "EvalSplit", "load_split", "embed", "knn_eval", "KNN_K"]
+
+KNN_K = 20
+
+
+class RawPixels(nn.Module):
+    """The raw-pixel floor: the normalised eval crop, flattened (3 * crop * crop features)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+@dataclass
+class EvalSplit:
+    """A labelled split, decoded and transformed once: ``images`` (N, 3, S, S) float32, ``labels`` (N,)."""
+
+    name: str
+    images: torch.Tensor
+    labels: np.ndarray
+    resolution: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(data: str | DataSource, split: str | None, resolution: int, max_shards: int | None = None,
+               num_workers: int = 1) -> EvalSplit:
+    """Every image of ``split`` (or of its first ``max_shards`` shards), resized (short side) and
+    centre-cropped to ``resolution`` with the evaluation transform."""
+    src = data if isinstance(data, DataSource) else resolve_data(str(data), split)
+    if max_shards is not None and src.urls is not None:
+        src = DataSource(src.name, urls=src.urls[:max_shards], classes=src.classes)
+    transform = EvalTransformConfig(resize=resolution, crop=resolution)
+    images, labels = [], []
+    for x, y, _ in make_loader(src, transform, batch_size=256, num_workers=num_workers):
+        images.append(x)
+        labels.append(y)
+    if not images:
+        raise ValueError(f"{src.name}: the split holds no images")
+    return EvalSplit(src.name, torch.cat(images), torch.cat(labels).numpy(), resolution)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, split: EvalSplit, batch_size: int = 256) -> np.ndarray:
+    """(N, D) float32 features of ``model`` in eval mode (its pooled output)."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        out = [model(split.images[i:i + batch_size].to(device)).float().cpu()
+               for i in range(0, len(split), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def knn_eval(model: nn.Module, reference: EvalSplit, held_out: EvalSplit, k: int = KNN_K) -> dict[str, float]:
+    """k-NN top-1 / top-5 (%) of ``model`` on every ``held_out`` image against every ``reference`` image."""
+    if reference.resolution != held_out.resolution:
+        raise ValueError("reference and held-out splits must share the evaluation resolution")
+    result = knn_classify(embed(model, reference), reference.labels, embed(model, held_out), held_out.labels, ks=(k,))
+    top1, top5 = result.top1[k], result.top5[k]
+    if not (math.isfinite(top1) and math.isfinite(top5)):
+        raise ValueError("k-NN returned a non-finite accuracy: the features hold NaN")
+    return {"top1": float(top1), "top5": float(top5), "num_reference": len(reference), "num_held_out": len(held_out)}
+
+
+def floors(reference: EvalSplit, held_out: EvalSplit, random_models: Sequence[nn.Module] = ()) -> dict[str, dict]:
+    """The raw-pixel floor and, for each model given, its random-init floor."""
+    out = {"raw_pixels": knn_eval(RawPixels(), reference, held_out)}
+    for i, m in enumerate(random_models):
+        out["random_init" if i == 0 else f"random_init_{i}"] = knn_eval(m, reference, held_out)
+    return out
