@@ -87,3 +87,12 @@ def test_demo_recipe_file_matches_embedded_recipe():
     embedded_data = dict(embedded.pop("data"))
     assert {k: v for k, v in shipped.items() if k != "data"} == embedded
     assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"] | {} == {**embedded_data, "urls": ["../shared/data/imagenette/train-{000000..000009}.tar"]}
+
+
+def test_demo_is_the_small_budget_recipe():
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    small = yaml.safe_load((REPO / "configs" / "small_budget.yaml").read_text())
+    assert demo.pop("max_steps") == 480 and demo.pop("run_dir") != small.pop("run_dir")
+    assert demo == small
+    cfg = load_config(REPO / "configs" / "small_budget.yaml")
+    assert cfg.model.name == "container_light_narrow" and cfg.dino.sinkhorn_knopp and cfg.dino.koleo_weight == 0.1

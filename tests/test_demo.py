@@ -1,0 +1,50 @@
+"""The README's first command end to end: on Imagenette, and on a machine without ../shared."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
+
+
+def _demo(cwd, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("SSL_CONTAINER_DATA", None)
+    proc = subprocess.run([sys.executable, "-m", "ssl_container", "demo", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _check_report(out, proc, data, n_test):
+    report = json.loads((out / "demo.json").read_text())
+    assert report["data"] == data
+    assert set(report["knn_k20_top1"]) == {"random_init", "raw_pixels", "dino_teacher"}
+    assert report["knn_test_images"] == n_test
+    for name in ("randomly initialised", "raw pixels", "DINO steps (teacher)"):
+        assert name in proc.stdout, name
+    assert (out / "export" / "backbone.safetensors").is_file()
+    return report
+
+
+@pytest.mark.skipif(not FASHION.is_file(), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+def test_demo_without_shared_data_from_a_relative_out(tmp_path):
+    # What a fresh clone without ../shared gets: Fashion-MNIST converted to shards under a relative
+    # --out (the path that was once joined twice).
+    proc = _demo(tmp_path, "--data", "fashion-mnist", "--steps", "3", "--out", "runs/demo")
+    out = tmp_path / "runs" / "demo"
+    assert (out / "fashion_mnist" / "dataset.json").is_file()
+    assert not (out / "fashion_mnist_png").exists()  # the staging PNGs are removed
+    _check_report(out, proc, "fashion_mnist", 2000)
+
+
+@pytest.mark.skipif(not (IMAGENETTE / "dataset.json").is_file(), reason="needs ../shared/data/imagenette")
+def test_demo_on_imagenette_prints_three_rows(tmp_path):
+    proc = _demo(REPO, "--data", str(IMAGENETTE), "--steps", "3", "--out", str(tmp_path / "demo"))
+    report = _check_report(tmp_path / "demo", proc, "imagenette", 982)
+    assert report["steps"] == 3 and report["model"] == "container_light_narrow"
