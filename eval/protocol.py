@@ -5,12 +5,20 @@ held-out images, the same resize + centre crop, the same reference set and DINO'
 (k = 20, T = 0.07, cosine similarity). This module holds that protocol once; the demo and
 ``benchmarks/learning.py`` both call it, so their rows are comparable.
 
+    python -m eval.protocol WEIGHTS --data ../shared/data/imagenette --resolution 64 [--seed 0]
+
+prints the rows for any weights (an export, a run folder): the backbone, the same architecture at
+random initialisation and raw pixels, on every image of both splits, as JSON.
+
 The held-out and reference images are decoded once into memory (``EvalSplit``): a learning curve
 evaluates the same images many times, and decoding dominates the cost for small backbones.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -96,3 +104,30 @@ def floors(reference: EvalSplit, held_out: EvalSplit, random_models: Sequence[nn
     for i, m in enumerate(random_models):
         out["random_init" if i == 0 else f"random_init_{i}"] = knn_eval(m, reference, held_out)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ssl_container.export import load_backbone, read_checkpoint
+    from ssl_container.models import create_model
+
+    p = argparse.ArgumentParser(prog="python -m eval.protocol", description="k-NN of a backbone next to its floors")
+    p.add_argument("weights", help="an export folder, a run folder or a step folder")
+    p.add_argument("--data", required=True, help="dataset folder with dataset.json")
+    p.add_argument("--reference-split", default="train")
+    p.add_argument("--held-out-split", default="val")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-init floor")
+    args = p.parse_args(argv)
+    ckpt = read_checkpoint(args.weights)
+    model = load_backbone(args.weights)
+    torch.manual_seed(args.seed)
+    random_init = create_model(ckpt.model_name, num_classes=0, **ckpt.model_kwargs)
+    ref = load_split(args.data, args.reference_split, args.resolution)
+    held = load_split(args.data, args.held_out_split, args.resolution)
+    rows = {**floors(ref, held, [random_init]), "backbone": knn_eval(model, ref, held)}
+    print(json.dumps({"weights": args.weights, "resolution": args.resolution, **rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

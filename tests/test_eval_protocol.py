@@ -54,3 +54,27 @@ def test_resolutions_must_match():
     a, b = _split(2, 0, size=8), _split(2, 1, size=16)
     with pytest.raises(ValueError, match="resolution"):
         knn_eval(RawPixels(), a, b)
+
+
+def test_command_line_rows_for_an_export(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from eval.protocol import main
+    from ssl_container.export import export
+    from ssl_container.models import create_model
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette"
+    if not (data / "dataset.json").is_file():
+        pytest.skip("needs ../shared/data/imagenette")
+    torch.manual_seed(0)
+    model = create_model("container_light_narrow", num_classes=0, depths=(1, 1, 1, 1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    weights = export(tmp_path / "w.safetensors", tmp_path / "export", model_name="container_light_narrow",
+                     model_kwargs={"depths": [1, 1, 1, 1]})
+    main([str(weights), "--data", str(data), "--resolution", "32"])
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows) >= {"raw_pixels", "random_init", "backbone"}
+    assert rows["backbone"]["num_held_out"] == 3925 and rows["backbone"]["num_reference"] == 9469
