@@ -182,7 +182,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     print(f"  exported backbone: {export_dir}/backbone.safetensors")
     print(f"  training curves:   {summary.get('curves')}")
     print(f"  load it:  ssl_container.export.load_backbone('{export_dir}')  or  timm.create_model("
-          f"'container_light', pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file="
+          f"'{cfg.model.name}', pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file="
           f"'{export_dir}/backbone.safetensors'))")
     print(f"  total {report['total_seconds']:.0f} s; report in {out_dir / 'demo.json'}")
     return 0
