@@ -40,6 +40,7 @@ from eval.protocol import KNN_K, floors, knn_eval, load_split  # noqa: E402
 from ssl_container.config import load_config  # noqa: E402
 from ssl_container.data.stream import steps_per_epoch  # noqa: E402
 from ssl_container.export import load_backbone  # noqa: E402
+from ssl_container.metrics import read_metrics  # noqa: E402
 from ssl_container.models import create_model  # noqa: E402
 from ssl_container.train import data_config  # noqa: E402
 
@@ -84,12 +85,12 @@ def _calibrated_epochs(args, cfg_overrides: list[str], out: Path) -> tuple[int, 
     """Epochs of the recipe that fill ``--minutes`` of training, from the median of a short run's steps."""
     probe_dir = out / "calibration"
     shutil.rmtree(probe_dir, ignore_errors=True)
-    cfg = load_config(args.config, [*cfg_overrides, f"run_dir={probe_dir}", "max_steps=12",
-                                    "checkpoint.every_steps=1000000", "logging.progress=lines"])
-    _train_segment(args.config, [*cfg_overrides, f"run_dir={probe_dir}", "max_steps=12",
-                                 "checkpoint.every_steps=1000000", "logging.progress=lines"])
-    times = [1.0 / r["images_per_s"] * cfg.data.batch_size
-             for r in map(json.loads, (probe_dir / "metrics.jsonl").read_text().splitlines()) if r.get("images_per_s")]
+    probe = [*cfg_overrides, f"run_dir={probe_dir}", "max_steps=12", "checkpoint.every_steps=1000000",
+             "logging.progress=lines"]
+    cfg = load_config(args.config, probe)
+    _train_segment(args.config, probe)
+    times = [cfg.data.batch_size / r["images_per_s"] for r in read_metrics(probe_dir / "metrics.jsonl")
+             if r.get("images_per_s")]
     step_s = sorted(times[2:])[len(times[2:]) // 2]
     shutil.rmtree(probe_dir, ignore_errors=True)
     iters = steps_per_epoch(data_config(cfg), 1) // cfg.engine.grad_accum_steps
@@ -127,8 +128,7 @@ def run_seed(args, seed: int, out: Path, ref, held) -> list[dict]:
                                                "logging.progress=lines", "logging.tensorboard=false"])
         seconds += time.perf_counter() - t0
         teacher = load_backbone(run_dir, "teacher")
-        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        last = [r for r in records if r.get("step") == summary["steps"]][-1]
+        last = read_metrics(run_dir / "metrics.jsonl")[-1]  # step records only, the last of each step
         row = {"kind": "point", "seed": seed, "step": summary["steps"], "total_steps": total,
                "images_seen": summary["steps"] * cfg.data.batch_size * cfg.engine.grad_accum_steps,
                "seconds": round(seconds, 1), "loss": last.get("loss"),

@@ -30,7 +30,7 @@ from eval.features import DataSource, make_loader, resolve_data
 from eval.knn import knn_classify
 from ssl_container.data.augment import EvalTransformConfig
 
-__all__ = ["RawPixels", "EvalSplit", "load_split", "embed", "knn_eval", "KNN_K"]
+__all__ = ["RawPixels", "EvalSplit", "load_split", "embed", "knn_eval", "floors", "KNN_K"]
 
 KNN_K = 20
 

@@ -111,5 +111,4 @@ class MultiCropWrapper(nn.Module):
 
     def forward_with_features(self, crops: Crops) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features, head outputs)`` from one pass, for monitoring feature statistics."""
-        feats = self.features(crops)
-        return feats, self.head(feats)
+        return self.forward(crops, return_features=True)
