@@ -3,10 +3,10 @@
     python benchmarks/conv_kernels.py --threads 1 [--batch 4 --global-size 224 --n-local 8 --local-size 96]
 
 Runs Container-Light once on the global-crop batch and once on the local-crop batch to collect the
-geometry of every ``PointwiseConv`` and ``DepthwiseConv``, then times each distinct one (best of
---repeat; forward, then backward for input, weight and bias) on channels_last inputs two ways:
-``ours`` (``ssl_container.models.convs``' float32 CPU kernels) and ``pytorch`` (the same modules with
-``FAST_CPU_KERNELS = False``: PyTorch's own kernel choice). Prints one JSON line per layer shape and
+geometry of every convolution that ``ssl_container.cpu_kernels.use_fast_cpu_kernels`` speeds up (1x1
+and 5x5 depthwise), then times each distinct one (best of --repeat; forward, then backward for input,
+weight and bias) on channels_last inputs two ways: ``ours`` (the float32 CPU kernels the trainer
+applies) and ``pytorch`` (the same module as a plain ``nn.Conv2d``: PyTorch's own kernel choice). Prints one JSON line per layer shape and
 a last line with totals over the whole step (each shape weighted by how often it runs: the student
 sees the global and local crops forward and backward, the teacher the global crops forward only).
 """
@@ -40,14 +40,15 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    import ssl_container.models.convs as convs
-    from ssl_container.models import DepthwiseConv, PointwiseConv, create_model
+    from ssl_container.cpu_kernels import FastDepthwiseConv, FastPointwiseConv, use_fast_cpu_kernels
+    from ssl_container.models import create_model
     from ssl_container.runtime import retain_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)
     retain_freed_memory()  # time the kernels, not the page faults of fresh output buffers
     model = create_model(args.model, num_classes=0)
+    use_fast_cpu_kernels(model)  # only to find the convolutions the trainer speeds up
     layers: dict = {}
     counts: Counter = Counter()
     crop_batch = [None]
@@ -59,7 +60,7 @@ def main() -> None:
         counts[key] += 1
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules()
-             if isinstance(m, (PointwiseConv, DepthwiseConv))]
+             if isinstance(m, (FastPointwiseConv, FastDepthwiseConv))]
     with torch.no_grad():
         for n, size in ((2 * args.batch, args.global_size), (args.n_local * args.batch, args.local_size)):
             crop_batch[0] = n
@@ -75,8 +76,9 @@ def main() -> None:
         g = torch.randn(shape[0], cout, shape[2], shape[3]).contiguous(memory_format=torch.channels_last)
         is_global = shape[0] == 2 * args.batch
         row = {}
+        fast_class = type(module)
         for impl, fast in (("ours", True), ("pytorch", False)):
-            convs.FAST_CPU_KERNELS = fast
+            module.__class__ = fast_class if fast else torch.nn.Conv2d
             with torch.no_grad():
                 fwd = _best(lambda: module(x), args.repeat)
             y = module(x)
@@ -84,7 +86,7 @@ def main() -> None:
             row[f"{impl}_forward_ms"], row[f"{impl}_backward_ms"] = fwd * 1e3, bwd * 1e3
             # student forward + backward on every crop batch, teacher forward on the global one
             totals[f"{impl}_ms"] += counts[key] * ((fwd + bwd) + (fwd if is_global else 0.0)) * 1e3
-        convs.FAST_CPU_KERNELS = True
+        module.__class__ = fast_class
         print(json.dumps({"layer": kind, "input": list(shape), "out_channels": cout, "kernel": k,
                           "per_step": counts[key], **{n: round(v, 2) for n, v in row.items()},
                           "speedup": round((row["pytorch_forward_ms"] + row["pytorch_backward_ms"])

@@ -8,11 +8,11 @@ Prints one JSON line per implementation, then one with the speed-ups:
 
 * ``deepspeed``: the trainer's path (DeepSpeed engine with the run config's ZeRO stage, fused AdamW,
   global-norm clipping, foreach EMA, one backbone call per crop resolution, channels_last crops,
-  the float32 CPU convolution kernels of ``ssl_container.models.convs``, the allocator setting of
+  the float32 CPU convolution kernels of ``ssl_container.cpu_kernels``, the allocator setting of
   ``ssl_container.runtime``);
 * ``deepspeed/MOD[/MOD...]``: the same with parts switched off, to see what each is worth:
   ``no-retain-memory`` (``engine.cpu_retain_memory=false``), ``stock-kernels`` (PyTorch's own
-  convolution kernels instead of those of ``ssl_container.models.convs``), ``nchw``
+  convolution kernels instead of those of ``ssl_container.cpu_kernels``), ``nchw``
   (``model.channels_last=false``);
 * ``eager``: the same model and loss in the way DINO's reference loop is written (plain
   ``torch.optim.AdamW`` with per-parameter loops, per-tensor gradient clipping, a Python EMA loop,
@@ -84,8 +84,7 @@ _MODS = ("no-retain-memory", "stock-kernels", "nchw")
 def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
     import torch
 
-    import ssl_container.models.convs as convs
-
+    from ssl_container.cpu_kernels import use_fast_cpu_kernels
     from ssl_container.dino import DINOLoss, get_param_groups
     from ssl_container.distributed import cleanup, init_distributed
     from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision,
@@ -96,7 +95,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
     cfg = _config(args)
     cfg.engine.cpu_retain_memory = cfg.engine.cpu_retain_memory and "no-retain-memory" not in mods
     cfg.model.channels_last = cfg.model.channels_last and "nchw" not in mods
-    convs.FAST_CPU_KERNELS = "stock-kernels" not in mods
+    cfg.engine.fast_cpu_kernels = cfg.engine.fast_cpu_kernels and "stock-kernels" not in mods
     device = select_device(cfg)
     init_distributed(device)
     if device.type == "cpu" and cfg.engine.cpu_retain_memory:
@@ -104,6 +103,8 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
     precision = effective_precision(cfg, device)
     torch.manual_seed(0)
     student = build_student(cfg).to(device)
+    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels:
+        use_fast_cpu_kernels(student)
     teacher = make_teacher(student)
     if cfg.engine.compile:
         compile_backbones(student, teacher)
@@ -125,7 +126,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
     try:
         extra = {"zero_stage": cfg.engine.zero_stage, "compile": cfg.engine.compile,
                  "channels_last": cfg.model.channels_last, "retain_memory": cfg.engine.cpu_retain_memory,
-                 "fast_cpu_kernels": convs.FAST_CPU_KERNELS}
+                 "fast_cpu_kernels": cfg.engine.fast_cpu_kernels}
         return _time(step, args, device, "/".join(("deepspeed", *mods)), precision, extra)
     finally:
         cleanup()
@@ -134,6 +135,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
 def bench_eager(args) -> dict:
     import torch
 
+    from ssl_container.cpu_kernels import use_fast_cpu_kernels
     from ssl_container.dino import DINOLoss, get_param_groups
     from ssl_container.engine import make_teacher
     from ssl_container.train import build_student
@@ -142,6 +144,8 @@ def bench_eager(args) -> dict:
     device = _device(args)
     torch.manual_seed(0)
     student = build_student(cfg).to(device)
+    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels:
+        use_fast_cpu_kernels(student)
     teacher = make_teacher(student)
     loss_fn = DINOLoss(cfg.head.out_dim, 2 + args.n_local).to(device)
     optimizer = torch.optim.AdamW(get_param_groups(student), lr=1e-4, foreach=False)

@@ -122,6 +122,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the backbones
     cpu_retain_memory: bool = True  # CPU: keep freed tensor memory in the process, no page faults per step (runtime.py)
+    fast_cpu_kernels: bool = True  # fp32 on CPU: Container's 1x1 / depthwise convs on faster kernels (cpu_kernels.py)
 
 
 @dataclass

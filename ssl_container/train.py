@@ -27,6 +27,7 @@ from torch import nn
 from ssl_container import distributed as D
 from ssl_container.checkpoint import CheckpointManager, TrainState
 from ssl_container.config import TrainConfig, config_digest, load_config, save_config
+from ssl_container.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.dino import (CollapseMonitor, DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups,
                                 koleo_loss)
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
@@ -127,6 +128,8 @@ def _train(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> dict[str, 
     # --- models: identical initial weights on every rank, distribution applied from outside ---------
     torch.manual_seed(cfg.seed)
     student = D.maybe_sync_batchnorm(build_student(cfg), device).to(device)
+    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels:
+        use_fast_cpu_kernels(student)  # the teacher, a deep copy, inherits them
     teacher = make_teacher(student)
     _disable_drop_path(teacher)
     if cfg.engine.compile:

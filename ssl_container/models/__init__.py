@@ -8,7 +8,6 @@ from ssl_container.models.affinity import (
     TokenMLPAffinity,
 )
 from ssl_container.models.container import Container, ContainerBlock
-from ssl_container.models.convs import DepthwiseConv, PointwiseConv
 from ssl_container.models.registry import (
     MODEL_ARGS,
     container,
@@ -27,10 +26,8 @@ __all__ = [
     "Container",
     "ContainerBlock",
     "ContextAggregation",
-    "DepthwiseConv",
     "DepthwiseConvAffinity",
     "MixedAffinity",
-    "PointwiseConv",
     "TokenMLPAffinity",
     "MODEL_ARGS",
     "container",

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_container.models.convs import DepthwiseConv, PointwiseConv
 
 __all__ = [
     "Affinity",
@@ -62,7 +61,12 @@ def _merge_heads(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class AttentionAffinity(Affinity):
-    """Dynamic affinity ``softmax(Q_m K_m^T / sqrt(d))``, computed by the fused SDPA kernel."""
+    """Dynamic affinity ``softmax(Q_m K_m^T / sqrt(d))``.
+
+    Written out as matmul + softmax rather than ``F.scaled_dot_product_attention``: Container attends
+    only in its last stage (49 tokens at 224 px, 4 at 64 px), where a fused kernel gains nothing, and
+    the explicit form is what every exporter and FLOP counter understands (PyTorch's CPU flash
+    kernel has no FLOP formula, so standard counters would report the attention as free)."""
 
     dynamic = True
 
@@ -76,8 +80,8 @@ class AttentionAffinity(Affinity):
     def forward(self, v, q=None, k=None):
         _, _, h, w = v.shape
         qh, kh, vh = (_split_heads(t, self.num_heads) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qh, kh, vh)  # scale defaults to head_dim ** -0.5
-        return _merge_heads(out, h, w)
+        attn = torch.softmax((qh * self.head_dim ** -0.5) @ kh.transpose(-1, -2), dim=-1)
+        return _merge_heads(attn @ vh, h, w)
 
     def dense(self, v, q=None, k=None):
         qh, kh = _split_heads(q, self.num_heads), _split_heads(k, self.num_heads)
@@ -97,7 +101,9 @@ class DepthwiseConvAffinity(Affinity):
     def __init__(self, dim: int, kernel_size: int = 5, bias: bool = True) -> None:
         super().__init__()
         self.num_heads = dim
-        self.conv = DepthwiseConv(dim, kernel_size, bias=bias)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"DepthwiseConvAffinity needs an odd kernel_size ('same' padding), got {kernel_size}")
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
 
     def forward(self, v, q=None, k=None):
         return self.conv(v)
@@ -192,8 +198,8 @@ class ContextAggregation(nn.Module):
         self.dim = dim
         self.affinity = affinity
         width = 3 * dim if affinity.dynamic else dim
-        self.input_proj = PointwiseConv(dim, width, bias=bias)
-        self.output_proj = PointwiseConv(dim, dim, bias=bias)
+        self.input_proj = nn.Conv2d(dim, width, 1, bias=bias)
+        self.output_proj = nn.Conv2d(dim, dim, 1, bias=bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """X -> (V, Q, K); Q and K are None for static affinities."""

@@ -29,7 +29,6 @@ from ssl_container.models.affinity import (
     MixedAffinity,
     TokenMLPAffinity,
 )
-from ssl_container.models.convs import DepthwiseConv, PointwiseConv
 
 __all__ = ["Container", "ContainerBlock", "ContainerStage", "PatchEmbed", "ConvMlp", "STRIDE"]
 
@@ -74,10 +73,10 @@ class ConvMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = PointwiseConv(dim, hidden)
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
-        self.fc2 = PointwiseConv(hidden, dim)
+        self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
@@ -111,7 +110,7 @@ class ContainerBlock(nn.Module):
 
     def __init__(self, dim: int, affinity: Affinity, mlp_ratio: float, drop_path: float = 0.0, drop: float = 0.0) -> None:
         super().__init__()
-        self.pos_embed = DepthwiseConv(dim, 3)
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.BatchNorm2d(dim)
         self.aggregation = ContextAggregation(dim, affinity)
         self.drop_path = DropPath(drop_path)

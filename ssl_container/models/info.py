@@ -1,10 +1,10 @@
 """Parameter and compute counts, measured the way the specs quote them.
 
-GMACs are ``torch.utils.flop_counter`` FLOPs / 2 for one image. On CPU, PyTorch's fused attention
-kernel (``_scaled_dot_product_flash_attention_for_cpu``) has no FLOP formula registered, so this
-module registers the standard SDPA formula for it; without that the attention in Container's last
-stage would count as free. The same holds for oneDNN's convolution, which ``models/convs.py`` calls
-directly on float32 CPU inputs: it gets the ordinary convolution formula.
+GMACs are ``torch.utils.flop_counter`` FLOPs / 2 for one image. Container models are stock PyTorch
+(plain convolutions, attention as matmul + softmax), so any standard counter gives the same figure.
+For timm's ViTs, whose attention runs PyTorch's fused CPU kernel
+(``_scaled_dot_product_flash_attention_for_cpu``, no FLOP formula registered), the standard SDPA
+formula is supplied; without it their attention would count as free.
 """
 from __future__ import annotations
 
@@ -24,14 +24,9 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_flop_count(query, key, value)
 
 
-def _onednn_conv_flops(x_shape, w_shape, bias_shape, padding, stride, dilation, groups, *args, out_shape=None,
-                       **kwargs) -> int:
-    return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
-
-
 def _custom_mapping() -> dict[Any, Any]:
     # FlopCounterMode wraps custom formulas itself: they receive shapes, not tensors.
-    formulas = {"_scaled_dot_product_flash_attention_for_cpu": _cpu_sdpa_flops, "mkldnn_convolution": _onednn_conv_flops}
+    formulas = {"_scaled_dot_product_flash_attention_for_cpu": _cpu_sdpa_flops}
     return {getattr(torch.ops.aten, name): f for name, f in formulas.items() if hasattr(torch.ops.aten, name)}
 
 

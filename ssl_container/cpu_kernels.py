@@ -1,12 +1,15 @@
-"""Container's two convolutions, 1x1 pointwise and k x k depthwise, with faster float32 CPU kernels.
+"""Faster float32 CPU kernels for Container's 1x1 and k x k depthwise convolutions, applied from outside.
 
-Both are ``nn.Conv2d`` subclasses: same parameters, state-dict keys and ``isinstance`` checks
-(timm's initialisers, SyncBatchNorm and FrozenBatchNorm conversions, official checkpoints). On any
-device but the CPU, for any dtype but float32, under autocast, or with oneDNN disabled they are
-plain ``nn.Conv2d``. On a float32 CPU input they compute the same function and the same gradients
-(tests compare both against ``nn.Conv2d``) with kernels PyTorch does not pick by itself:
+Models are stock PyTorch (``nn.Conv2d`` throughout): ONNX export, ``torch.export``, FLOP counters and
+``torch.jit.trace`` see ordinary convolutions. The trainer calls :func:`use_fast_cpu_kernels` on the
+student when it trains in float32 on a CPU, the one place where these kernels pay, as it applies
+SyncBatchNorm or DeepSpeed. It swaps the class of each eligible ``nn.Conv2d`` for a subclass with the
+same parameters, state-dict keys and ``isinstance`` checks; :func:`use_plain_convs` swaps them back.
+On any device but the CPU, for any dtype but float32, under autocast, or with oneDNN disabled the
+subclasses run ``nn.Conv2d``'s own forward. On a float32 CPU input they compute the same function and
+the same gradients (tests compare both against ``nn.Conv2d``) with kernels PyTorch does not pick:
 
-* **1x1 (``PointwiseConv``)**, the channel MLPs and the context-aggregation projections, 96 % of
+* **1x1 (``FastPointwiseConv``)**, the channel MLPs and the context-aggregation projections, 96 % of
   Container-Light's multiply-adds. PyTorch chooses by an old rule ("for 1x1 filters THNN is faster
   when single-threaded"): with one thread and fewer than 16 images it runs im2col + MKL GEMM,
   otherwise oneDNN. On AVX-512 CPUs oneDNN's kernel on channels_last maps is the faster one, also
@@ -14,7 +17,7 @@ plain ``nn.Conv2d``. On a float32 CPU input they compute the same function and t
   forward therefore calls oneDNN directly, and so does the input gradient of large maps, which is
   the forward convolution of the output gradient with the transposed weight (oneDNN's forward kernel
   is faster than its backward-data one there); the weight gradient is PyTorch's own.
-* **k x k depthwise, k > 3 (``DepthwiseConv``)**, the static affinity (5x5). oneDNN's weight
+* **k x k depthwise, k > 3 (``FastDepthwiseConv``)**, the static affinity (5x5). oneDNN's weight
   gradient for a 5x5 depthwise kernel runs 15-25x slower than its forward, while its 3x3 one is
   fast. A k x k weight gradient is a set of k*k correlations of the (padded) input with the output
   gradient, so it is assembled from 3x3 tiles of correlations, each a 3x3 depthwise weight gradient
@@ -28,16 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["PointwiseConv", "DepthwiseConv"]
-
-# Set to False to compare with PyTorch's own kernels (benchmarks/conv_kernels.py, tests).
-FAST_CPU_KERNELS = True
+__all__ = ["FastPointwiseConv", "FastDepthwiseConv", "use_fast_cpu_kernels", "use_plain_convs"]
 
 
 def _fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        FAST_CPU_KERNELS
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
@@ -136,11 +135,8 @@ class _DepthwiseFn(torch.autograd.Function):
         return dx, dw, db
 
 
-class PointwiseConv(nn.Conv2d):
-    """``nn.Conv2d(in_channels, out_channels, 1)``; float32 CPU forward and input gradient on oneDNN."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
-        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+class FastPointwiseConv(nn.Conv2d):
+    """An ``nn.Conv2d`` 1x1 (stride 1, no padding, one group); float32 CPU forward and input gradient on oneDNN."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if _fast_path(input, weight):
@@ -148,16 +144,50 @@ class PointwiseConv(nn.Conv2d):
         return super()._conv_forward(input, weight, bias)
 
 
-class DepthwiseConv(nn.Conv2d):
-    """``nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)`` for odd k; float32 CPU weight gradient
-    from 3x3 tiles when k > 3 (oneDNN's own 3x3 path is already fast)."""
-
-    def __init__(self, dim: int, kernel_size: int, bias: bool = True) -> None:
-        if kernel_size % 2 != 1:
-            raise ValueError(f"DepthwiseConv needs an odd kernel_size ('same' padding), got {kernel_size}")
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
+class FastDepthwiseConv(nn.Conv2d):
+    """An ``nn.Conv2d`` k x k depthwise ('same' padding, odd k > 3, stride 1); float32 CPU weight gradient
+    from 3x3 tiles (oneDNN's own 3x3 path is already fast)."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.kernel_size[0] > 3 and _fast_path(input, weight):
+        if _fast_path(input, weight):
             return _DepthwiseFn.apply(input, weight, bias)
         return super()._conv_forward(input, weight, bias)
+
+
+def _plain_geometry(m: nn.Conv2d) -> bool:
+    return (m.stride == (1, 1) and m.dilation == (1, 1) and m.padding_mode == "zeros"
+            and m.kernel_size[0] == m.kernel_size[1])
+
+
+def _fast_class(m: nn.Module) -> type | None:
+    if type(m) is not nn.Conv2d or not _plain_geometry(m):
+        return None
+    k = m.kernel_size[0]
+    if k == 1 and m.groups == 1 and m.padding == (0, 0):
+        return FastPointwiseConv
+    if (k > 3 and k % 2 == 1 and m.groups == m.in_channels == m.out_channels
+            and m.padding == (k // 2, k // 2)):
+        return FastDepthwiseConv
+    return None
+
+
+def use_fast_cpu_kernels(model: nn.Module) -> int:
+    """Give every eligible ``nn.Conv2d`` of ``model`` the fast float32 CPU kernels, in place (same
+    parameters and state dict; a deep copy keeps them). Returns how many convolutions changed."""
+    changed = 0
+    for m in model.modules():
+        cls = _fast_class(m)
+        if cls is not None:
+            m.__class__ = cls
+            changed += 1
+    return changed
+
+
+def use_plain_convs(model: nn.Module) -> int:
+    """Undo :func:`use_fast_cpu_kernels`: every convolution is a stock ``nn.Conv2d`` again."""
+    changed = 0
+    for m in model.modules():
+        if type(m) in (FastPointwiseConv, FastDepthwiseConv):
+            m.__class__ = nn.Conv2d
+            changed += 1
+    return changed
