@@ -63,6 +63,7 @@ def _config(args):
         f"model.name={args.model}", f"data.batch_size={args.batch}", f"engine.precision={args.precision}",
         f"engine.device={args.device}", f"data.crops.global_size={args.global_size}",
         f"data.crops.n_local={args.n_local}", f"data.crops.local_size={args.local_size}", "data.urls=[unused]",
+        "data.samples_per_epoch=1000000", "data.num_workers=0",
         f"engine.zero_stage={args.zero_stage}", f"engine.compile={args.compile}",
     ]
     if args.channels_last is not None:
@@ -82,54 +83,34 @@ _MODS = ("no-retain-memory", "stock-kernels", "nchw")
 
 
 def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
-    import torch
+    """The trainer's own run and step (``ssl_container.run.build_run`` / ``dino_step``) on synthetic crops."""
+    import itertools
+    import tempfile
 
-    from ssl_container.cpu_kernels import use_fast_cpu_kernels
-    from ssl_container.dino import DINOLoss, get_param_groups
-    from ssl_container.distributed import cleanup, init_distributed
-    from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision,
-                                      initialize_engine, make_teacher, select_device)
-    from ssl_container.runtime import retain_freed_memory
-    from ssl_container.train import build_student
+    from ssl_container.distributed import cleanup, init_distributed, resolve_env
+    from ssl_container.engine import select_device
+    from ssl_container.run import build_run, dino_step
 
     cfg = _config(args)
     cfg.engine.cpu_retain_memory = cfg.engine.cpu_retain_memory and "no-retain-memory" not in mods
     cfg.model.channels_last = cfg.model.channels_last and "nchw" not in mods
     cfg.engine.fast_cpu_kernels = cfg.engine.fast_cpu_kernels and "stock-kernels" not in mods
     device = select_device(cfg)
-    init_distributed(device)
-    if device.type == "cpu" and cfg.engine.cpu_retain_memory:
-        retain_freed_memory()
-    precision = effective_precision(cfg, device)
-    torch.manual_seed(0)
-    student = build_student(cfg).to(device)
-    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels:
-        use_fast_cpu_kernels(student)
-    teacher = make_teacher(student)
-    if cfg.engine.compile:
-        compile_backbones(student, teacher)
-    loss_fn = DINOLoss(cfg.head.out_dim, 2 + args.n_local).to(device)
-    engine, optimizer, _ = initialize_engine(cfg, student, get_param_groups(student), device, 1)
-    crops = _crops(args.batch, 2, args.global_size, args.n_local, args.local_size, device)
-    if cfg.model.channels_last:
-        crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-
-    def step():
-        with torch.no_grad(), autocast_context(precision, device):
-            t = teacher(crops[:2])
-        loss = loss_fn(engine(crops), t, 0.04)
-        engine.backward(loss)
-        engine.step()
-        ema_update(teacher, engine, 0.996)
-        return loss
-
-    try:
-        extra = {"zero_stage": cfg.engine.zero_stage, "compile": cfg.engine.compile,
-                 "channels_last": cfg.model.channels_last, "retain_memory": cfg.engine.cpu_retain_memory,
-                 "fast_cpu_kernels": cfg.engine.fast_cpu_kernels}
-        return _time(step, args, device, "/".join(("deepspeed", *mods)), precision, extra)
-    finally:
-        cleanup()
+    env = init_distributed(device, resolve_env())
+    with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
+        cfg.run_dir = run_dir
+        run = build_run(cfg, env, device, resume=False)
+        # dino_step moves the crops to the device and to channels_last itself, every step, as in training.
+        batches = itertools.repeat({"crops": _crops(args.batch, 2, args.global_size, args.n_local, args.local_size,
+                                                    "cpu")})
+        try:
+            extra = {"zero_stage": cfg.engine.zero_stage, "compile": cfg.engine.compile,
+                     "channels_last": cfg.model.channels_last, "retain_memory": cfg.engine.cpu_retain_memory,
+                     "fast_cpu_kernels": cfg.engine.fast_cpu_kernels}
+            return _time(lambda: dino_step(run, batches), args, device, "/".join(("deepspeed", *mods)), run.precision,
+                         extra)
+        finally:
+            cleanup()
 
 
 def bench_eager(args) -> dict:
@@ -138,13 +119,13 @@ def bench_eager(args) -> dict:
     from ssl_container.cpu_kernels import use_fast_cpu_kernels
     from ssl_container.dino import DINOLoss, get_param_groups
     from ssl_container.engine import make_teacher
-    from ssl_container.train import build_student
+    from ssl_container.run import build_student
 
     cfg = _config(args)
     device = _device(args)
     torch.manual_seed(0)
     student = build_student(cfg).to(device)
-    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels:
+    if device.type == "cpu":  # the same model as the trainer's, kernels included: only the loop differs
         use_fast_cpu_kernels(student)
     teacher = make_teacher(student)
     loss_fn = DINOLoss(cfg.head.out_dim, 2 + args.n_local).to(device)

@@ -28,6 +28,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     source: str  # "torchrun" | "slurm" | "single"
+    local_world_size: int = 1  # processes on this node (they share its cores)
 
     @property
     def is_main(self) -> bool:
@@ -75,6 +76,7 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", 29500)),
             source="torchrun",
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
@@ -87,6 +89,7 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=nodes[0],
             master_port=20000 + job_id % 20000,
             source="slurm",
+            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or 0) or 1,
         )
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 

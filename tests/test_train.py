@@ -162,40 +162,33 @@ def test_config_error_fails_before_any_work(tmp_path):
 
 
 OVERFIT = r"""
-import sys, torch
+import itertools, sys, torch
 from ssl_container.config import load_config
-from ssl_container.dino import DINOLoss, get_param_groups
-from ssl_container.distributed import init_distributed
-from ssl_container.engine import initialize_engine, make_teacher, ema_update
-from ssl_container.train import build_student
+from ssl_container.distributed import init_distributed, resolve_env
+from ssl_container.run import build_run, dino_step
 cfg = load_config(None, sys.argv[1:])
 device = torch.device("cpu")
-init_distributed(device)
+env = init_distributed(device, resolve_env())
+run = build_run(cfg, env, device)  # the trainer's own run and step
 torch.manual_seed(0)
-student = build_student(cfg)
-teacher = make_teacher(student)
-loss_fn = DINOLoss(cfg.head.out_dim, 4)
-engine, opt, _ = initialize_engine(cfg, student, get_param_groups(student), device, 1)
-for g in opt.param_groups:
-    g["lr"] = 1e-3
 crops = [torch.randn(8, 3, 64, 64) for _ in range(2)] + [torch.randn(8, 3, 32, 32) for _ in range(2)]
+batches = itertools.repeat({"crops": crops})
 losses, kls, used = [], [], []
 for step in range(25):
-    with torch.no_grad():
-        t = teacher(crops[:2])
-    loss = loss_fn(engine(crops), t, 0.04)
-    engine.backward(loss)
-    engine.step()
-    ema_update(teacher, engine, 0.9)
-    losses.append(loss.item())
-    kls.append(loss_fn.last_stats["kl"].item())
-    used.append(loss_fn.last_stats["prototypes_used"].item())
+    record = dino_step(run, batches).metrics
+    losses.append(record["loss"])
+    kls.append(record["kl"])
+    used.append(record["prototypes_used"])
 print(losses[0], min(losses[-5:]), kls[0], min(kls[-5:]), min(used))
 """
 
 
-def test_loss_falls_when_overfitting_a_fixed_batch():
-    proc = subprocess.run([sys.executable, "-c", OVERFIT, *TINY[5:]], cwd=REPO, env=_env(),
+def test_loss_falls_when_overfitting_a_fixed_batch(tmp_path):
+    # A constant lr of 1e-3 (8 images: 0.032 per 256) and teacher momentum 0.9 over a long schedule.
+    fixed = ["data.batch_size=8", "optim.lr=0.032", "optim.min_lr=0.001", "dino.momentum_teacher=0.9", "epochs=1000",
+             "dino.warmup_teacher_temp=0.04", "dino.teacher_temp=0.04", "optim.weight_decay=0.0",
+             "optim.weight_decay_end=0.0", f"run_dir={tmp_path / 'run'}", "checkpoint.resume=false"]
+    proc = subprocess.run([sys.executable, "-c", OVERFIT, *TINY, *fixed], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, last, kl_first, kl_last, min_used = map(float, proc.stdout.split()[-5:])

@@ -1,0 +1,270 @@
+"""What a DINO run is made of, and one step of it: ``build_run(cfg, env, device) -> Run`` and
+``dino_step(run, batches) -> StepRecord``.
+
+The trainer (``train.py``) is the loop over these two; the step benchmark and the tests call the
+very same functions, so a published step time is the trainer's step. ``build_run`` puts the student
+in a DeepSpeed engine with identical initial weights on every rank; distribution (SyncBatchNorm,
+the engine) and speed tricks (fast CPU kernels, ``torch.compile``) are applied here, from outside
+the models.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ssl_container import distributed as D
+from ssl_container.checkpoint import CheckpointManager, TrainState
+from ssl_container.config import TrainConfig, config_digest, save_config
+from ssl_container.cpu_kernels import use_fast_cpu_kernels
+from ssl_container.data.stream import MultiCropConfig, TrainDataConfig, steps_per_epoch
+from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
+from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
+                                  make_teacher)
+from ssl_container.models import create_model
+from ssl_container.runtime import retain_freed_memory
+
+log = logging.getLogger("ssl_container.train")
+
+__all__ = ["Run", "StepRecord", "build_run", "build_student", "data_config", "dino_step"]
+
+# Steps whose loss is replaced by NaN, to exercise the skip/stop logic end to end (tests only).
+_FAULT_NAN_STEPS = {int(s) for s in os.environ.get("SSL_CONTAINER_FAULT_NAN_STEPS", "").split(",") if s.strip()}
+
+
+def build_student(cfg: TrainConfig) -> MultiCropWrapper:
+    backbone = create_model(cfg.model.name, num_classes=0, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
+    if cfg.model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    head = DINOHead(backbone.num_features, cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.bottleneck_dim,
+                    cfg.head.nlayers, cfg.head.norm_last_layer, cfg.head.use_bn)
+    return MultiCropWrapper(backbone, head)
+
+
+def data_config(cfg: TrainConfig) -> TrainDataConfig:
+    """The data pipeline's own config, from the run config's ``data`` section."""
+    d, c = cfg.data, cfg.data.crops
+    if not d.urls:
+        raise ValueError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
+    urls: Any = d.urls if (d.weights is not None or len(d.urls) > 1) else d.urls[0]
+    return TrainDataConfig(
+        urls=urls, weights=d.weights, batch_size=d.batch_size, num_workers=d.num_workers,
+        shuffle_buffer=d.shuffle_buffer, samples_per_epoch=d.samples_per_epoch, seed=cfg.seed,
+        max_bad_fraction=d.max_bad_fraction, augment_on=d.augment_on,
+        multicrop=MultiCropConfig(n_global=c.n_global, global_size=c.global_size, global_scale=tuple(c.global_scale),
+                                  n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale),
+                                  blur_sigma=tuple(c.blur_sigma)),
+    )
+
+
+@dataclass
+class Run:
+    """Everything one DINO run holds; ``state`` is what a checkpoint resumes."""
+
+    cfg: TrainConfig
+    env: D.DistEnv
+    device: torch.device
+    precision: str
+    engine: Any  # the student inside its DeepSpeed engine; engine.module is the MultiCropWrapper
+    optimizer: torch.optim.Optimizer
+    teacher: nn.Module
+    loss: DINOLoss
+    schedules: DINOSchedules
+    data: TrainDataConfig
+    checkpoints: CheckpointManager
+    state: TrainState
+    total_steps: int
+    iters_per_epoch: int
+    # BatchNorm statistics and the center move in every forward: a skipped step restores them.
+    buffers: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.engine, self.teacher, self.loss.center, self.state)
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step: whether it was applied, and what it logs to metrics.jsonl."""
+
+    finite: bool
+    images: int
+    seconds: float
+    metrics: dict[str, Any]
+
+
+def _set_cpu_threads(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> None:
+    """On CPU, leave a core to each loader worker: OpenMP threads that outnumber the free cores spin
+    against each other and a step gets several times slower. OMP_NUM_THREADS, when set, wins."""
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(env.local_world_size, 1) - cfg.data.num_workers))
+
+
+def _disable_drop_path(model: nn.Module) -> None:
+    """DINO's teacher has no stochastic depth; a deep copy of the student would inherit it."""
+    for m in model.modules():
+        for attr in ("p", "drop_prob"):
+            if type(m).__name__ == "DropPath" and hasattr(m, attr):
+                setattr(m, attr, 0.0)
+
+
+def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None = None) -> Run:
+    """Models, engine, teacher, loss, schedules and checkpoints of ``cfg``, resumed from the newest
+    complete checkpoint in its run folder when ``checkpoint.resume`` (or ``resume``) says so. The
+    process group must already exist (``distributed.init_distributed``)."""
+    run_dir = Path(cfg.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    precision = effective_precision(cfg, device)
+    _set_cpu_threads(cfg, env, device)
+    if device.type == "cpu" and cfg.engine.cpu_retain_memory:
+        retain_freed_memory()
+
+    # --- models: identical initial weights on every rank, distribution applied from outside ---------
+    torch.manual_seed(cfg.seed)
+    student = D.maybe_sync_batchnorm(build_student(cfg), device).to(device)
+    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels:
+        use_fast_cpu_kernels(student)  # the teacher, a deep copy, inherits them
+    teacher = make_teacher(student)
+    _disable_drop_path(teacher)
+    if cfg.engine.compile:
+        compile_backbones(student, teacher)
+    crops = cfg.data.crops
+    loss = DINOLoss(cfg.head.out_dim, crops.n_global + crops.n_local, cfg.dino.student_temp,
+                    cfg.dino.center_momentum, cfg.dino.sinkhorn_knopp, n_global_crops=crops.n_global).to(device)
+
+    # --- data and schedules -----------------------------------------------------------------------
+    dcfg = data_config(cfg)
+    accum = cfg.engine.grad_accum_steps
+    micro_per_epoch = steps_per_epoch(dcfg, env.world_size)
+    iters_per_epoch = micro_per_epoch // accum
+    if iters_per_epoch < 1:
+        raise ValueError(f"an epoch has {micro_per_epoch} batches per rank, fewer than engine.grad_accum_steps={accum}")
+    sched = DINOSchedules(
+        epochs=cfg.epochs, niter_per_ep=iters_per_epoch, total_batch_size=cfg.data.batch_size * accum * env.world_size,
+        base_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_epochs=cfg.optim.warmup_epochs,
+        weight_decay=cfg.optim.weight_decay, weight_decay_end=cfg.optim.weight_decay_end,
+        momentum_teacher=cfg.dino.momentum_teacher, warmup_teacher_temp=cfg.dino.warmup_teacher_temp,
+        teacher_temp_end=cfg.dino.teacher_temp, warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs,
+        freeze_last_layer=cfg.dino.freeze_last_layer,
+    )
+
+    # --- engine and resume --------------------------------------------------------------------------
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, meta={
+        "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
+        "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
+        "config_sha256": config_digest(cfg),
+    })
+    resume = cfg.checkpoint.resume if resume is None else resume
+    universal = resume and ckpt.needs_universal(env.world_size, cfg.engine.zero_stage)
+    if universal:
+        ckpt.prepare_universal()
+    no_wd = {f"backbone.{n}" for n in getattr(student.backbone, "no_weight_decay", lambda: set())()}
+    engine, optimizer, ds_config = initialize_engine(cfg, student, get_param_groups(student, no_wd), device,
+                                                     env.world_size, load_universal=universal)
+    if env.is_main:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+    state = (ckpt.load(engine, teacher, loss.center, universal) if resume else None) or TrainState()
+    engine.train()
+    teacher.train()  # batch statistics, as DINO's teacher
+    return Run(cfg=cfg, env=env, device=device, precision=precision, engine=engine, optimizer=optimizer,
+               teacher=teacher, loss=loss, schedules=sched, data=dcfg, checkpoints=ckpt, state=state,
+               total_steps=min(sched.total_iters, cfg.max_steps or sched.total_iters), iters_per_epoch=iters_per_epoch,
+               buffers=[b for m in (teacher, engine.module, loss) for b in m.buffers()])
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    # Reseeding per step makes dropout / drop-path independent of what ran before: a resumed run
+    # draws exactly what the uninterrupted run drew, on any number of restarts.
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+
+
+def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
+    """One optimizer step over ``engine.grad_accum_steps`` batches of crops: the teacher sees the
+    global crops, the student all of them; DINO loss (+ KoLeo) -> backward -> scheduled update -> EMA.
+    A non-finite loss on any rank skips the step on every rank and leaves every buffer untouched."""
+    cfg, state, engine, dino_loss = run.cfg, run.state, run.engine, run.loss
+    it, accum, n_global = state.step, cfg.engine.grad_accum_steps, cfg.data.crops.n_global
+    values = run.schedules.apply(run.optimizer, it)
+    momentum, teacher_temp = run.schedules.momentum(it), run.schedules.teacher_temp(it)
+    t0 = time.perf_counter()
+    wait = 0.0
+    losses, finite_all, images, stats, koleo_values = [], True, 0, {}, []
+    buffers_before = [b.clone() for b in run.buffers]
+    for micro in range(accum):
+        w0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - w0
+        # Seeded after fetching: starting loader workers draws from the global generator.
+        torch.manual_seed(_step_seed(cfg.seed, it * accum + micro, run.env.rank))
+        crops = [c.to(run.device, non_blocking=True) for c in batch["crops"]]
+        if cfg.model.channels_last:
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+        images += crops[0].shape[0]
+        with torch.no_grad(), autocast_context(run.precision, run.device):
+            teacher_out = run.teacher(crops[:n_global])
+        if cfg.dino.koleo_weight > 0:
+            feats, student_out = engine(crops, return_features=True)
+        else:
+            student_out = engine(crops)
+        loss = dino_loss(student_out, teacher_out, teacher_temp)
+        if cfg.dino.koleo_weight > 0:
+            # DINOv2: on the student's global crops, each crop's batch on its own.
+            koleo = sum(koleo_loss(f) for f in feats[:n_global * crops[0].shape[0]].chunk(n_global))
+            koleo_values.append(float(koleo.detach()))
+            loss = loss + cfg.dino.koleo_weight * koleo
+        if it in _FAULT_NAN_STEPS:  # fault injection for the tests of the non-finite path
+            loss = loss * float("nan")
+        # Every rank must take the same branch, or the gradient all-reduce waits forever.
+        finite = D.all_reduce_min(bool(torch.isfinite(loss).item()), run.device)
+        if not finite:
+            finite_all = False
+            if accum == 1:
+                break  # no backward, no optimizer step: the step is skipped exactly
+            loss = student_out.float().sum() * 0.0  # the poisoned micro-batch contributes no gradient
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().float().item() if finite else float("nan"))
+        stats = {k: v.item() for k, v in dino_loss.last_stats.items()} if finite else {}
+    if finite_all:
+        ema_update(run.teacher, engine, momentum)
+        state.consecutive_nonfinite = 0
+    else:
+        for b, saved in zip(run.buffers, buffers_before):
+            b.copy_(saved)
+        state.skipped_steps += 1
+        state.consecutive_nonfinite += 1
+    state.step += 1
+    state.images_seen += images * run.env.world_size
+    elapsed = time.perf_counter() - t0
+    grad_norm = engine.get_global_grad_norm() if finite_all else None
+    metrics = {
+        "loss": sum(losses) / len(losses) if finite_all else float("nan"),
+        "lr": values["lr"], "wd": values["wd"], "momentum": momentum, "teacher_temp": teacher_temp,
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "images_per_s": images * run.env.world_size / max(elapsed, 1e-9),
+        "data_wait": wait / max(elapsed, 1e-9),
+        "skipped_steps": state.skipped_steps,
+        "epoch": state.step // run.iters_per_epoch,
+        **stats,
+        **({"koleo": sum(koleo_values) / len(koleo_values)} if koleo_values and finite_all else {}),
+    }
+    if run.device.type == "cuda":
+        metrics["memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    else:
+        metrics["memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return StepRecord(finite=finite_all, images=images * run.env.world_size, seconds=elapsed, metrics=metrics)
