@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from eval.store import ShardedFeatureStore
 from ssl_container.runtime import retain_freed_memory
 
 log = logging.getLogger("eval.features")
@@ -388,7 +389,6 @@ def save_feature_dir(path: str | os.PathLike, fs: FeatureSet) -> None:
 def load_feature_file(path: str | os.PathLike, mmap: bool = True) -> FeatureSet:
     """Features from a cache entry / feature folder (``features.npy`` + ``labels.npy``), a
     :class:`~eval.knn.ShardedFeatureStore` folder, or an ``.npz`` with ``features`` and ``labels``."""
-    from eval.knn import ShardedFeatureStore
 
     p = Path(path)
     if p.is_dir() and ShardedFeatureStore.is_store(p):
@@ -662,7 +662,6 @@ def get_feature_store(model: nn.Module, source: DataSource, path: str | os.PathL
     """Extract ``kind`` features of ``source`` into a sharded on-disk store at ``path`` (reused when
     complete): each rank writes its own part (``rank-XXXXX/``) while extracting, so no process ever
     holds the whole set; rank 0 then writes the combined manifest. Features are L2-normalised (k-NN)."""
-    from eval.knn import ShardedFeatureStore
 
     path = Path(path)
     rank, world = _dist_info()

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -321,26 +321,31 @@ def _is_list_field(dotted: str) -> bool:
     return False
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated, as a :class:`TrainConfig`."""
+def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- recipe (a YAML file or a mapping of the same keys) <- ``key=value`` overrides,
+    validated, as a :class:`TrainConfig`."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     base = OmegaConf.structured(TrainConfig)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist; the recipes are in configs/")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+        if isinstance(path, Mapping):
+            raw, source = dict(path), "the recipe mapping"
+        else:
+            path = Path(path)
+            source = str(path)
+            if not path.is_file():
+                raise ConfigError(f"config file '{path}' does not exist; the recipes are in configs/")
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
         try:
             base = OmegaConf.merge(base, OmegaConf.create(raw))
         except OmegaConfBaseException as err:
-            raise _explain(err, str(path)) from None
+            raise _explain(err, source) from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=1e-4 or data.urls=[a.tar,b.tar])")

@@ -12,6 +12,7 @@ WebDataset loader per epoch, metrics and collapse warnings per step, a checkpoin
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -19,10 +20,11 @@ import sys
 from typing import Any, Sequence
 
 import torch
+import yaml
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.config import TrainConfig
+from ssl_container.config import ConfigError, TrainConfig, config_to_dict, load_config
 from ssl_container.data.stream import make_train_loader
 from ssl_container.dino import CollapseMonitor
 from ssl_container.engine import select_device
@@ -193,11 +195,33 @@ def _gather(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ssl_container.train ...`` is ``ssl-container train ...``."""
-    from ssl_container.cli import main as cli_main
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="ssl-container train",
+        description="DINO pretraining. Defaults are DINO's recipe with Container-Light; a YAML recipe and "
+                    "key=value overrides change them (unknown keys fail before any work).")
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ssl-container train ...`` and ``python -m ssl_container.train ...`` (also under torchrun / srun)."""
+    parser = build_parser()
+    parser.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=32")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"ssl-container train: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        return 0
+    summary = train(cfg)
+    if D.resolve_env().is_main:
+        print(json.dumps(summary))
+    return 0
 
 
 if __name__ == "__main__":

@@ -78,15 +78,20 @@ def test_shipped_recipes_load():
         load_config(path)
 
 
-def test_demo_recipe_file_matches_embedded_recipe():
-    from launch.demo import DEMO_RECIPE
+def test_demo_reads_the_packaged_recipe_file():
+    from ssl_container.cli.demo import DEMO_CONFIG, demo_recipe
 
-    shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    assert shipped.pop("data").pop("urls") == ["../shared/data/imagenette/train-{000000..000009}.tar"]
-    embedded = {k: v for k, v in DEMO_RECIPE.items()}
-    embedded_data = dict(embedded.pop("data"))
-    assert {k: v for k, v in shipped.items() if k != "data"} == embedded
-    assert yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"] | {} == {**embedded_data, "urls": ["../shared/data/imagenette/train-{000000..000009}.tar"]}
+    # one copy of the recipe: configs/ is the package's configs folder, and the demo reads it
+    assert DEMO_CONFIG == (REPO / "ssl_container" / "configs" / "demo.yaml")
+    assert (REPO / "configs" / "demo.yaml").resolve() == DEMO_CONFIG.resolve()
+    assert demo_recipe() == yaml.safe_load(DEMO_CONFIG.read_text())
+    cfg = load_config(demo_recipe(), ["max_steps=7"])  # a mapping loads like the file
+    assert cfg.max_steps == 7 and cfg == load_config(DEMO_CONFIG, ["max_steps=7"])
+
+
+def test_a_broken_recipe_mapping_is_named():
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config({"optim": {"lrr": 1.0}})
 
 
 def test_demo_is_the_small_budget_recipe():

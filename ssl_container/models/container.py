@@ -29,6 +29,7 @@ from ssl_container.models.affinity import (
     MixedAffinity,
     TokenMLPAffinity,
 )
+from ssl_container.models.official import convert_official_state_dict, is_official_state_dict
 
 __all__ = ["Container", "ContainerBlock", "ContainerStage", "PatchEmbed", "ConvMlp", "STRIDE"]
 
@@ -348,8 +349,6 @@ def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
 
 def checkpoint_filter_fn(state_dict: dict, model: Container) -> dict:
     """Accept the official allenai/container names as well as ours (used by timm's pretrained path)."""
-    from ssl_container.models.registry import convert_official_state_dict, is_official_state_dict
-
     if "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     elif "model" in state_dict and isinstance(state_dict["model"], dict):

@@ -2,7 +2,7 @@
 
     make demo                      (sets up the venv first)
     ssl-container demo [--data DIR] [--steps N] [--seed S] [--eval-all] [--out runs/demo]
-    python -m launch.demo
+    python -m ssl_container.cli.demo
 
 Real DINO on real images with this project's quarter-width Container-Light (container_light_narrow:
 the same blocks and stages; the full network is ~16x the compute): Imagenette from ../shared/data when present; on a
@@ -24,23 +24,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-# The demo recipe, embedded so the demo runs from any folder; configs/demo.yaml is the same recipe
-# as a file (a test keeps the two equal). It is configs/small_budget.yaml (see there why each choice)
-# for 480 steps of 32 images: about 7 minutes of training on 2 CPU cores.
-DEMO_RECIPE: dict[str, Any] = {
-    "run_dir": "runs/demo/pretrain",
-    "epochs": 15,
-    "max_steps": 480,
-    "model": {"name": "container_light_narrow", "drop_path_rate": 0.0},
-    "head": {"out_dim": 1024, "hidden_dim": 512, "bottleneck_dim": 128},
-    "optim": {"lr": 5.0e-3, "warmup_epochs": 1, "weight_decay": 0.04, "weight_decay_end": 0.04},
-    "dino": {"momentum_teacher": 0.98, "freeze_last_layer": 0, "sinkhorn_knopp": True, "koleo_weight": 0.1},
-    "data": {"batch_size": 32, "num_workers": 1, "shuffle_buffer": 500, "samples_per_epoch": 1024,
-             "crops": {"global_size": 64, "n_local": 6, "local_size": 32, "blur_sigma": [0.03, 0.57]}},
-    "engine": {"precision": "fp32"},
-    "checkpoint": {"every_steps": 160},
-    "logging": {"every_steps": 50, "tensorboard": False},
-}
+import torch
+import yaml
+from PIL import Image
+
+from eval.protocol import KNN_K, floors, knn_eval, load_split
+from ssl_container.config import load_config
+from ssl_container.data.shards import write_shards
+from ssl_container.export import export, load_backbone
+from ssl_container.models import create_model
+from ssl_container.train import train
+
+# The demo's recipe is configs/demo.yaml, shipped inside the package (ssl_container/configs): the
+# small-budget recipe (configs/small_budget.yaml, see there why each choice) for a fixed number of steps.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def demo_recipe() -> dict[str, Any]:
+    """configs/demo.yaml as a mapping (its data.urls are replaced by the data the demo finds)."""
+    return yaml.safe_load(DEMO_CONFIG.read_text())
+
+
 IMAGE_SIZE = 64  # evaluation resolution, the global-crop size of the recipe
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -93,10 +97,6 @@ def _fashion_mnist_shards(out: Path, train_count: int = 6000, test_count: int = 
     out = out.resolve()
     if (out / "dataset.json").is_file():
         return {"name": "fashion_mnist", "folder": out, "train": "train", "held_out": "test"}
-    from PIL import Image
-
-    from ssl_container.data.shards import write_shards
-
     classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
     staging = out.parent / "fashion_mnist_png"
     for split, prefix, count in (("train", "train", train_count), ("test", "t10k", test_count)):
@@ -119,13 +119,6 @@ def _fashion_mnist_shards(out: Path, train_count: int = 6000, test_count: int = 
 
 def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None = None,
              max_train_shards: int | None = 3, max_val_shards: int | None = 1, seed: int = 0) -> int:
-    import torch
-
-    from eval.protocol import KNN_K, floors, knn_eval, load_split
-    from ssl_container.export import export, load_backbone
-    from ssl_container.models import create_model
-    from ssl_container.train import train
-
     t_start = time.perf_counter()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -134,14 +127,15 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     meta = json.loads((found["folder"] / "dataset.json").read_text())
     train_urls = [str(found["folder"] / meta["splits"][found["train"]]["shards"])]
 
-    recipe = json.loads(json.dumps(DEMO_RECIPE))
+    recipe = demo_recipe()
+    recipe["data"].pop("urls", None)
     pretrain_dir = out_dir / "pretrain"
     if pretrain_dir.exists():  # each demo starts from scratch rather than resuming the last one
         shutil.rmtree(pretrain_dir)
     overrides = [f"run_dir={pretrain_dir}", f"data.urls=[{train_urls[0]}]", f"seed={seed}"]
     if steps:
         overrides.append(f"max_steps={steps}")
-    cfg = _config_from_recipe(recipe, overrides)
+    cfg = load_config(recipe, overrides)
     print(f"[demo] 1/3 DINO pretraining of {cfg.model.name}: {cfg.max_steps} steps of {cfg.data.batch_size} images "
           f"({cfg.data.crops.n_global}x{cfg.data.crops.global_size}px + {cfg.data.crops.n_local}x"
           f"{cfg.data.crops.local_size}px crops), fp32 on CPU", flush=True)
@@ -188,21 +182,6 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     return 0
 
 
-def _config_from_recipe(recipe: dict[str, Any], overrides: list[str]):
-    import tempfile
-
-    import yaml
-
-    from ssl_container.config import load_config
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(recipe, f)
-    try:
-        return load_config(f.name, overrides)
-    finally:
-        os.unlink(f.name)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssl-container demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="dataset folder with dataset.json (default: ../shared/data/imagenette; "
                         "'fashion-mnist': Debian's Fashion-MNIST, what a machine without ../shared gets)")
     parser.add_argument("--out", default="runs/demo", help="output folder (pretraining run, export, report)")
-    parser.add_argument("--steps", type=int, default=None, help=f"DINO steps (default {DEMO_RECIPE['max_steps']})")
+    parser.add_argument("--steps", type=int, default=None, help=f"DINO steps (default {demo_recipe()['max_steps']})")
     parser.add_argument("--seed", type=int, default=0, help="training seed (also the random-init floor's)")
     parser.add_argument("--eval-all", action="store_true",
                         help="k-NN on every image of both splits (default: 3 reference shards, 1 held-out shard)")

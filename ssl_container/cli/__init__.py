@@ -17,37 +17,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from launch.demo import run_from_args
+    from ssl_container.cli.demo import run_from_args
 
     return run_from_args(args)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-    import logging
+    # The trainer parses its own arguments (also `python -m ssl_container.train` under torchrun).
+    from ssl_container.train import main as train_main
 
-    from ssl_container.config import ConfigError, load_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"ssl-container train: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        from ssl_container.config import config_to_dict
-
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        return 0
-    from ssl_container.distributed import resolve_env
-    from ssl_container.train import train
-
-    summary = train(cfg)
-    if resolve_env().is_main:
-        print(json.dumps(summary))
-    return 0
+    return train_main(args.train_args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -137,15 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("train", help="DINO pretraining (one process, torchrun, srun or submitit)",
-                       description="DINO pretraining. Defaults are DINO's recipe with Container-Light; a YAML "
-                       "recipe and key=value overrides change them (unknown keys fail before any work).")
-    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=32")
+                       add_help=False, prefix_chars="\x00")  # every argument goes to ssl_container.train
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="pretrain -> k-NN -> export on the embedded default, minutes on CPU")
-    from launch.demo import add_arguments as add_demo_arguments
+    from ssl_container.cli.demo import add_arguments as add_demo_arguments
 
     add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)

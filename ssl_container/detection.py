@@ -35,8 +35,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+from ssl_container.export import load_backbone
+from ssl_container.models import create_model
 
 __all__ = [
     "ContainerFPNBackbone",
@@ -145,13 +149,8 @@ def _body(backbone_weights: Any, which: str | None, model_name: str, model_kwarg
     if isinstance(backbone_weights, nn.Module):
         return backbone_weights
     if backbone_weights is None:
-        from ssl_container.models.registry import create_model
-
         return create_model(model_name, num_classes=0, **model_kwargs)
     if isinstance(backbone_weights, (str, os.PathLike)):
-        # Lazy: the export module reads checkpoints (it imports the models, not the other way round).
-        from ssl_container.export import load_backbone
-
         return load_backbone(backbone_weights, which, **{**model_kwargs, "num_classes": 0})
     raise TypeError(f"backbone_weights must be a path, an nn.Module or None, got {type(backbone_weights).__name__}")
 
@@ -195,7 +194,6 @@ def fasterrcnn_container_light_fpn(
     **kwargs: Any,
 ) -> nn.Module:
     """Faster R-CNN with a Container-Light FPN backbone (P2-P6). ``kwargs`` go to ``FasterRCNN``."""
-    from torchvision.models.detection import FasterRCNN
 
     backbone = container_light_fpn_backbone(
         backbone_weights, which=which, freeze_at=freeze_at, norm=norm, drop_path_rate=drop_path_rate,
@@ -219,7 +217,6 @@ def retinanet_container_light_fpn(
     **kwargs: Any,
 ) -> nn.Module:
     """RetinaNet with a Container-Light FPN backbone (P3-P7; P6 from C5). ``kwargs`` go to ``RetinaNet``."""
-    from torchvision.models.detection import RetinaNet
 
     body = _body(backbone_weights, which, "container_light", dict(backbone_kwargs or {}))
     last = body.feature_info[3]["num_chs"]

@@ -1,0 +1,164 @@
+"""The layers as a contract: every import of the project, parsed with ast, checked against the rules.
+
+    library  ssl_container.*           (never imports launch, eval or the front ends)
+      models                           (imports nothing else of the project)
+      data                             (never imports models)
+      dino                             (tensors, not engines: no engine, checkpoint, run, train, DeepSpeed)
+    eval     eval.*                    (the library only)
+    launch   launch.*                  (the library only)
+    front    ssl_container.cli.*, ssl_container.__main__   (may import everything; nothing imports them)
+
+Only engine.py and checkpoint.py import DeepSpeed; only distributed.py reads the rank variables of
+torchrun and Slurm from the environment. A failure names the file and line of each breach.
+"""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("ssl_container", "eval", "launch")
+FRONT = ("ssl_container.cli", "ssl_container.__main__")
+RANK_VARIABLES = re.compile(r"^(SLURM_\w+|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT)$")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _sources() -> dict[str, tuple[Path, ast.Module]]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            out[_module_name(path)] = (path, ast.parse(path.read_text(), str(path)))
+    return out
+
+
+SOURCES = _sources()
+
+
+def _imports(module: str, tree: ast.Module) -> list[tuple[str, int]]:
+    """(imported module, line) for every import statement, at any depth (functions included)."""
+    found = []
+    is_package = SOURCES[module][0].name == "__init__.py"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.append((target, node.lineno))
+            # `from pkg import sub` imports the submodule pkg.sub when there is one
+            found += [(f"{target}.{a.name}", node.lineno) for a in node.names if f"{target}.{a.name}" in SOURCES]
+    return found
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _layer(name: str) -> str:
+    if any(_within(name, f) for f in FRONT):
+        return "front"
+    return name.split(".")[0]
+
+
+def _breaches(rule) -> list[str]:
+    bad = []
+    for module, (path, tree) in SOURCES.items():
+        for target, line in _imports(module, tree):
+            why = rule(module, target)
+            if why:
+                bad.append(f"{path.relative_to(REPO)}:{line}: {module} imports {target} ({why})")
+    return bad
+
+
+def _layer_rule(module: str, target: str) -> str | None:
+    src, dst = _layer(module), _layer(target)
+    if dst not in ("ssl_container", "eval", "launch", "front"):
+        return None  # third-party or standard library
+    if dst == "front" and src != "front":
+        return "nothing below the front ends imports them"
+    if src == "ssl_container" and dst in ("eval", "launch"):
+        return "the library never imports eval or launch"
+    if src in ("eval", "launch") and dst not in ("ssl_container", src):
+        return f"{src} builds on the library only"
+    return None
+
+
+def _package_rule(module: str, target: str) -> str | None:
+    if not _within(target, "ssl_container"):
+        return None
+    if _within(module, "ssl_container.models") and not _within(target, "ssl_container.models"):
+        return "models import nothing else of the project"
+    if _within(module, "ssl_container.data") and _within(target, "ssl_container.models"):
+        return "data never imports models"
+    if _within(module, "ssl_container.dino") and any(
+            _within(target, f"ssl_container.{m}") for m in ("engine", "checkpoint", "run", "train")):
+        return "dino knows tensors, not engines"
+    return None
+
+
+def _deepspeed_rule(module: str, target: str) -> str | None:
+    if _within(target, "deepspeed") and module not in ("ssl_container.engine", "ssl_container.checkpoint"):
+        return "only engine.py and checkpoint.py import DeepSpeed"
+    return None
+
+
+@pytest.mark.parametrize("rule", [_layer_rule, _package_rule, _deepspeed_rule],
+                         ids=["layers", "library-packages", "deepspeed"])
+def test_imports_follow_the_layers(rule):
+    bad = _breaches(rule)
+    assert not bad, "layering breaches:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles_between_modules():
+    graph = {m: {t for t, _ in _imports(m, tree) if t in SOURCES and t != m} for m, (_, tree) in SOURCES.items()}
+    # A package's __init__ re-exporting its own modules is not a cycle of design.
+    for m in graph:
+        graph[m] = {t for t in graph[m] if not (SOURCES[t][0].name == "__init__.py" and _within(m, t))}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_only_distributed_reads_rank_variables():
+    bad = []
+    for module, (path, tree) in SOURCES.items():
+        if not _within(module, "ssl_container") or module == "ssl_container.distributed":
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and RANK_VARIABLES.match(node.value):
+                bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {module} names {node.value!r}")
+    assert not bad, "only ssl_container/distributed.py reads the rank environment:\n" + "\n".join(bad)
+
+
+def test_the_rules_catch_a_breach():
+    # The checker itself: a library module importing eval, and models importing data, are caught.
+    assert _layer_rule("ssl_container.train", "eval.knn")
+    assert _layer_rule("launch.submit", "ssl_container.cli")
+    assert _package_rule("ssl_container.models.container", "ssl_container.export")
+    assert _package_rule("ssl_container.data.stream", "ssl_container.models")
+    assert _deepspeed_rule("ssl_container.train", "deepspeed.ops")
+    assert not _layer_rule("ssl_container.cli.demo", "eval.protocol")
