@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from eval.store import ShardedFeatureStore, l2_normalize
+from ssl_container.knn import DEFAULT_TEMPERATURE, weighted_vote
 
 log = logging.getLogger("eval.knn")
 
@@ -51,7 +52,6 @@ __all__ = [
 ]
 
 DEFAULT_KS = (10, 20, 100, 200)
-DEFAULT_TEMPERATURE = 0.07
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,22 +171,6 @@ def knn_search(queries: np.ndarray | torch.Tensor, train: np.ndarray | torch.Ten
             out_s[start:start + len(q)] = heap.D
             out_i[start:start + len(q)] = heap.I
     return out_s, out_i
-
-
-def weighted_vote(sims: np.ndarray | torch.Tensor, neighbor_labels: np.ndarray | torch.Tensor, k: int,
-                  num_classes: int, temperature: float = DEFAULT_TEMPERATURE, topn: int = 5) -> torch.Tensor:
-    """DINO's vote over the first ``k`` neighbours: class scores sum exp(sim / T); returns the
-    ``min(topn, num_classes)`` best classes per query (ties go to the lower class index).
-    Neighbours with label < 0 (missing) do not vote."""
-    s = torch.as_tensor(sims)[:, :k].to(torch.float32)
-    lab = torch.as_tensor(neighbor_labels)[:, :k].to(torch.int64)
-    w = torch.exp(s / temperature)
-    valid = lab >= 0
-    w = torch.where(valid, w, torch.zeros_like(w))
-    scores = torch.zeros(s.shape[0], num_classes, dtype=torch.float32)
-    scores.scatter_add_(1, lab.clamp(min=0), w)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, : min(topn, num_classes)]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ssl_container.config import ConfigError, TrainConfig, config_to_dict, load_
 from ssl_container.data.stream import make_train_loader
 from ssl_container.dino import CollapseMonitor
 from ssl_container.engine import select_device
+from ssl_container.knn import OnlineKNN
 from ssl_container.metrics import MetricsLogger, plot_run
 from ssl_container.run import Run, build_run, build_student, data_config, dino_step
 
@@ -59,7 +60,7 @@ def _train(run: Run) -> dict[str, Any]:
         log.info("DINO %s: %d steps (%d per epoch, %d epochs), %d rank(s), batch %d/rank, %s, ZeRO-%d, from step %d",
                  cfg.model.name, run.total_steps, run.iters_per_epoch, cfg.epochs, env.world_size, cfg.data.batch_size,
                  run.precision, cfg.engine.zero_stage, state.step)
-    monitor = _OnlineKNN(cfg, env, run.device) if cfg.monitor.every_epochs > 0 else None
+    monitor = OnlineKNN(cfg.monitor, env.rank, env.world_size, run.device) if cfg.monitor.every_epochs > 0 else None
     collapse = CollapseMonitor(cfg.head.out_dim, rows=cfg.data.crops.n_global * cfg.data.batch_size)
     batches = None
     failed = True
@@ -133,66 +134,6 @@ def _close(loader) -> None:
     close = getattr(loader, "close", None)
     if close is not None:
         close()
-
-
-class _OnlineKNN:
-    """k-NN top-1 of the teacher backbone on a labelled split, every ``monitor.every_epochs``."""
-
-    def __init__(self, cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> None:
-        if not cfg.monitor.train_urls or not cfg.monitor.val_urls:
-            raise ValueError("monitor.every_epochs > 0 needs monitor.train_urls and monitor.val_urls")
-        self.cfg, self.env, self.device = cfg, env, device
-
-    def run(self, backbone: nn.Module) -> dict[str, float]:
-        from ssl_container.data.augment import EvalTransformConfig
-        from ssl_container.data.stream import make_eval_loader
-        m = self.cfg.monitor
-        transform = EvalTransformConfig(resize=m.resize, crop=m.crop)
-        was_training = backbone.training
-        backbone.eval()
-        try:
-            feats = {}
-            for split, urls in (("train", m.train_urls), ("val", m.val_urls)):
-                loader = make_eval_loader(urls if len(urls) > 1 else urls[0], batch_size=64, rank=self.env.rank,
-                                          world_size=self.env.world_size, num_workers=2, transform=transform)
-                xs, ys = [], []
-                with torch.no_grad():
-                    for images, labels, _ in loader:
-                        xs.append(backbone(images.to(self.device)).float().cpu())
-                        ys.append(labels)
-                        if split == "train" and m.max_train_samples and sum(len(y) for y in ys) >= m.max_train_samples:
-                            break
-                feats[split] = (torch.cat(xs), torch.cat(ys))
-            feats = {k: _gather(*v) for k, v in feats.items()}
-            top1, top5 = _knn_accuracy(*feats["train"], *feats["val"], k=m.k)
-            return {f"top1_k{m.k}": top1, f"top5_k{m.k}": top5}
-        finally:
-            backbone.train(was_training)
-
-
-def _knn_accuracy(train_x, train_y, val_x, val_y, k: int = 20, temperature: float = 0.07) -> tuple[float, float]:
-    """DINO's weighted k-NN vote, brute force: enough for a monitor on a labelled subset (the full,
-    faiss-backed evaluation is ``python -m eval.knn``)."""
-    train_x = torch.nn.functional.normalize(train_x, dim=1)
-    val_x = torch.nn.functional.normalize(val_x, dim=1)
-    classes = int(max(train_y.max(), val_y.max())) + 1
-    correct1 = correct5 = 0
-    for start in range(0, len(val_x), 1024):
-        sims, idx = (val_x[start:start + 1024] @ train_x.T).topk(min(k, len(train_x)), dim=1)
-        votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], (sims / temperature).exp())
-        top = votes.topk(min(5, classes), dim=1).indices
-        truth = val_y[start:start + 1024, None]
-        correct1 += int((top[:, :1] == truth).sum())
-        correct5 += int((top == truth).any(dim=1).sum())
-    return correct1 / len(val_x), correct5 / len(val_x)
-
-
-def _gather(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return x, y
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, (x, y))
-    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -184,3 +184,18 @@ def test_python_m_eval_knn_on_a_feature_store(tmp_path, data):
     doc = json.loads((tmp_path / "o" / "knn.json").read_text())
     ref = knn_classify_dense(xtr, ytr, xte, yte, ks=(20,), num_classes=7)
     assert doc["results"][0]["top1"] == ref.top1[20] and doc["num_train"] == 3000
+
+
+def test_trainer_monitor_vote_matches_the_dino_reference():
+    from ssl_container.knn import knn_accuracy
+
+    g = np.random.default_rng(3)
+    centers = g.normal(size=(7, 16))
+    ytr, yte = g.integers(0, 7, 500), g.integers(0, 7, 120)
+    xtr = centers[ytr] + 0.9 * g.normal(size=(500, 16))
+    xte = centers[yte] + 0.9 * g.normal(size=(120, 16))
+    ref = knn_classify_dense(xtr, ytr, xte, yte, ks=(20,), num_classes=7)
+    top1, top5 = knn_accuracy(torch.tensor(xtr), torch.tensor(ytr), torch.tensor(xte), torch.tensor(yte), k=20,
+                              chunk=50)
+    assert 30 < ref.top1[20] < 100  # a real separation, not chance
+    assert top1 * 100 == pytest.approx(ref.top1[20]) and top5 * 100 == pytest.approx(ref.top5[20])

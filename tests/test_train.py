@@ -220,3 +220,13 @@ def test_healthy_run_raises_no_collapse_warning(tmp_path):
     records = read_metrics(run / "metrics.jsonl")
     assert max(r["teacher_entropy"] for r in records) < 0.9 * math.log(256)
     assert min(r["prototypes_used"] for r in records) > 1 / 8
+
+
+def test_online_knn_monitor_logs_at_epoch_ends(tmp_path):
+    run = tmp_path / "run"
+    _run(run, "epochs=2", "checkpoint.every_steps=100", "monitor.every_epochs=1", "monitor.resize=64",
+         "monitor.crop=64", "monitor.max_train_samples=128", f"monitor.train_urls=[{SHARDS}/train-000000.tar]",
+         f"monitor.val_urls=[{SHARDS}/val-000000.tar]")
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"event": "knn"' in x]
+    assert [e["step"] for e in events] == [6, 12]  # 24 images an epoch, batches of 4
+    assert all(0.0 < e["top1_k20"] <= e["top5_k20"] <= 1.0 for e in events)
