@@ -41,6 +41,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ssl_container.files import atomic_write_json
+
 __all__ = [
     "CocoDetection",
     "METRICS",
@@ -381,12 +383,6 @@ def parse_inits(inits: Sequence[str], weights: str | None) -> dict[str, str | No
     return out
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _weights_info(path: str | None) -> dict[str, Any] | None:
     if path is None:
         return None
@@ -442,7 +438,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         metrics, detections, summary = evaluate(model, val_set, batch_size=args.batch_size)
         eval_s = round(time.perf_counter() - t0, 1)
         log(f"  {name}: " + "  ".join(f"{m} {'-' if v is None else f'{v:.2f}'}" for m, v in metrics.items()))
-        _write_json(out / f"detections_{name}.json", detections)
+        atomic_write_json(out / f"detections_{name}.json", detections)
         png = save_predictions_png(val_set, detections, out / f"predictions_{name}.png", num_images=args.vis_images,
                                    score_thresh=args.score_thresh, title=f"{args.arch}, {name} init: AP {metrics['AP']}")
         results["runs"][name] = {
@@ -450,7 +446,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             "detections": len(detections), "coco_summary": summary,
             "files": {"detections": f"detections_{name}.json", "png": png.name},
         }
-        _write_json(out / "results.json", results)  # after every run, so a long comparison keeps its parts
+        atomic_write_json(out / "results.json", results)  # after every run, so a long comparison keeps its parts
         del model
     log(_table(results))
     log(f"results: {out / 'results.json'}")

@@ -13,6 +13,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ssl_container.files import atomic_write_json
+
 __all__ = ["ShardedFeatureStore", "l2_normalize"]
 
 
@@ -102,9 +104,7 @@ class ShardedFeatureStore:
     def _write_manifest(self) -> None:
         manifest = {"format": "ssl_container.eval.ShardedFeatureStore/1", "dim": self.dim, "dtype": "float32",
                     "normalized": self.normalize, "rows": len(self), "shards": self.shards, "meta": self.meta}
-        tmp = self.path / (self.MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.path / self.MANIFEST)
+        atomic_write_json(self.path / self.MANIFEST, manifest)
 
     def __enter__(self) -> "ShardedFeatureStore":
         return self

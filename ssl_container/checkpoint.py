@@ -21,15 +21,16 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_container import distributed as D
+from ssl_container.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,34 +45,21 @@ class TrainState:
     steps taken (skipped non-finite steps included, so data and schedules stay aligned)."""
 
     step: int = 0
-    epoch: int = 0
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     images_seen: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename, with fsyncs, so a reader sees the old or the new file, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainState":
+        # Checkpoints of earlier versions also stored a (stale) epoch and an unused 'extra'.
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     # safetensors refuses shared storage and non-contiguous views: store plain fp32 copies.
-    save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
-               for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+                   for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_latest(ckpt_root: Path) -> str | None:
@@ -111,8 +99,12 @@ class CheckpointManager:
         self.meta = meta  # model/head arguments and config digest, written into every meta.json
 
     # -- save --------------------------------------------------------------------------------------
-    def save(self, engine: Any, teacher: nn.Module, center: torch.Tensor, state: TrainState) -> Path:
-        """Collective: every rank must call it. Returns the folder written."""
+    def save(self, engine: Any, state: TrainState, stateful: Mapping[str, nn.Module], epoch: int) -> Path:
+        """Collective: every rank must call it. Returns the folder written.
+
+        ``engine``: the student's DeepSpeed engine (its files, and the fp32 weights as
+        student.safetensors); ``stateful``: the other objects by name, each written from its
+        ``state_dict()`` to NAME.safetensors (the trainer: teacher, dino_state = the loss's center)."""
         tag = f"step_{state.step:08d}"
         folder = self.root / tag
         if D.is_main():
@@ -120,14 +112,13 @@ class CheckpointManager:
             if folder.exists():  # a leftover of an interrupted save of this very step
                 shutil.rmtree(folder)
         D.barrier()
-        client_state = {"train_state": asdict(state), "center": center.detach().cpu()}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
         if D.is_main():
-            _save_safetensors(teacher.state_dict(), folder / "teacher.safetensors")
-            _save_safetensors({"center": center}, folder / "dino_state.safetensors")
+            for name, obj in stateful.items():
+                _save_safetensors(obj.state_dict(), folder / f"{name}.safetensors")
             _save_safetensors(engine.module.state_dict(), folder / "student.safetensors")
-            meta = {**self.meta, "step": state.step, "epoch": state.epoch, "world_size": _world_size(),
-                    "train_state": asdict(state)}
+            meta = {**self.meta, "step": state.step, "epoch": epoch, "world_size": _world_size(),
+                    "stateful": sorted(stateful), "train_state": asdict(state)}
             atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
         if os.environ.get("SSL_CONTAINER_FAULT_KILL_IN_SAVE") == str(state.step) and D.is_main():
             # Fault injection for the atomicity test: die after the files, before the pointer moves.
@@ -177,8 +168,9 @@ class CheckpointManager:
             os.replace(tmp, target)
         D.barrier()
 
-    def load(self, engine: Any, teacher: nn.Module, center: torch.Tensor, universal: bool = False) -> TrainState | None:
-        """Restore from the newest complete checkpoint; ``None`` when there is none."""
+    def load(self, engine: Any, stateful: Mapping[str, nn.Module], universal: bool = False) -> TrainState | None:
+        """Restore the engine and each named object (strictly) from the newest complete checkpoint;
+        ``None`` when there is none."""
         from ssl_container.engine import weights_only_loads
 
         tag = self.latest()
@@ -194,15 +186,19 @@ class CheckpointManager:
         meta = json.loads((folder / "meta.json").read_text())
         self._check_compatible(meta, folder)
         with weights_only_loads():
-            load_path, client = engine.load_checkpoint(str(self.root), tag=f"{tag}_universal" if universal else tag,
+            load_path, _ = engine.load_checkpoint(str(self.root), tag=f"{tag}_universal" if universal else tag,
                                                        load_module_strict=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {folder}; its files may be damaged. Remove {folder} "
                                f"and point {self.root / 'latest'} at an older step folder to resume from there.")
-        teacher.load_state_dict(load_file(str(folder / "teacher.safetensors"), device="cpu"), strict=True)
-        center.copy_(load_file(str(folder / "dino_state.safetensors"))["center"].to(center.device))
-        state = TrainState(**meta["train_state"])
-        log.info("resumed from %s (step %d, epoch %d)", folder, state.step, state.epoch)
+        for name, obj in stateful.items():
+            path = folder / f"{name}.safetensors"
+            if not path.is_file():
+                raise RuntimeError(f"checkpoint {folder} has no {path.name}; this run needs {sorted(stateful)}. "
+                                   "Resume with the version that wrote it, or use a new run_dir.")
+            obj.load_state_dict(load_file(str(path), device="cpu"), strict=True)
+        state = TrainState.from_dict(meta["train_state"])
+        log.info("resumed from %s (step %d, epoch %s)", folder, state.step, meta.get("epoch"))
         return state
 
     def _check_compatible(self, meta: dict[str, Any], folder: Path) -> None:

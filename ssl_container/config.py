@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from ssl_container.files import atomic_write_text
+
 __all__ = [
     "ConfigError",
     "TrainConfig",
@@ -379,8 +381,4 @@ def config_digest(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

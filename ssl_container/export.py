@@ -40,13 +40,14 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
+
+from ssl_container.files import atomic_write_bytes
 
 __all__ = [
     "ACCEPTED",
@@ -439,20 +440,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     from safetensors.torch import save
 
@@ -547,10 +534,10 @@ def export(
             "ssl_container": "ssl_container.export.load_backbone('<DIR>')",
         },
     }
-    _atomic_write(out / "backbone.safetensors", backbone_bytes)
+    atomic_write_bytes(out / "backbone.safetensors", backbone_bytes)
     if head_bytes is not None:
-        _atomic_write(out / "dino_head.safetensors", head_bytes)
+        atomic_write_bytes(out / "dino_head.safetensors", head_bytes)
     elif (out / "dino_head.safetensors").exists():
         os.unlink(out / "dino_head.safetensors")  # stale head from an earlier export into this folder
-    _atomic_write(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     return out

@@ -91,7 +91,12 @@ class Run:
         return Path(self.cfg.run_dir)
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.engine, self.teacher, self.loss.center, self.state)
+        return self.checkpoints.save(self.engine, self.state, self.stateful, self.state.step // self.iters_per_epoch)
+
+    @property
+    def stateful(self) -> dict[str, nn.Module]:
+        """What a checkpoint holds besides the engine, by name (file names in the step folder)."""
+        return {"teacher": self.teacher, "dino_state": self.loss}
 
 
 @dataclass
@@ -178,7 +183,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
                                                      env.world_size, load_universal=universal)
     if env.is_main:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
-    state = (ckpt.load(engine, teacher, loss.center, universal) if resume else None) or TrainState()
+    state = (ckpt.load(engine, {"teacher": teacher, "dino_state": loss}, universal) if resume else None) or TrainState()
     engine.train()
     teacher.train()  # batch statistics, as DINO's teacher
     return Run(cfg=cfg, env=env, device=device, precision=precision, engine=engine, optimizer=optimizer,

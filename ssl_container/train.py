@@ -90,8 +90,8 @@ def _train(run: Run) -> dict[str, Any]:
                 if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
                     run.save()
             _close(batches)
-            state.epoch = state.step // run.iters_per_epoch
-            if monitor is not None and state.step % run.iters_per_epoch == 0 and state.epoch % cfg.monitor.every_epochs == 0:
+            epoch_done = state.step // run.iters_per_epoch
+            if monitor is not None and state.step % run.iters_per_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
                 metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
         failed = False
     finally:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ssl_container.data.augment import BadImageError, decode_rgb
+from ssl_container.files import atomic_path, atomic_write_json
 from ssl_container.data.sources import (
     BadDataCounter,
     expand_urls,
@@ -182,17 +182,10 @@ def _tar_file_size(content: int) -> int:
     return (content + 1024 + 10239) // 10240 * 10240  # end-of-archive blocks, padded to tarfile's record
 
 
-def _atomic_path(final: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=os.path.dirname(final))
-    os.close(fd)
-    return tmp
-
-
 def _write_tar(path: str, samples: Iterator[tuple[str, dict[str, bytes]]]) -> tuple[int, str]:
     """Write atomically with fixed headers (reproducible bytes); returns (samples, sha256)."""
-    tmp = _atomic_path(path)
     n = 0
-    try:
+    with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tf:
             for key, members in samples:
                 for ext in sorted(members):
@@ -202,12 +195,7 @@ def _write_tar(path: str, samples: Iterator[tuple[str, dict[str, bytes]]]) -> tu
                     info.uname = info.gname = ""
                     tf.addfile(info, io.BytesIO(members[ext]))
                 n += 1
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        digest = sha256_file(str(tmp))
     return n, digest
 
 
@@ -217,14 +205,6 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = _atomic_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "train", name: str | None = None,
@@ -299,7 +279,7 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     sha = {k: v for k, v in meta.get("sha256", {}).items() if k not in stale}
     sha.update(digests)
     meta["sha256"] = dict(sorted(sha.items()))
-    _write_json(meta_path, meta)
+    atomic_write_json(meta_path, meta)
     for fname in stale:  # shards of an earlier, larger run of this split
         path = os.path.join(out_dir, fname)
         if os.path.exists(path):

@@ -1,0 +1,29 @@
+"""ssl_container.files: the one atomic-write helper."""
+import json
+import os
+
+import pytest
+
+from ssl_container.files import atomic_path, atomic_write_json, atomic_write_text
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "meta.json"
+    atomic_write_json(target, {"step": 1})
+    with pytest.raises(RuntimeError, match="disk died"):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"step": 2, "trunc')
+            raise RuntimeError("disk died")
+    assert json.loads(target.read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+def test_a_successful_write_replaces_and_gets_the_usual_permissions(tmp_path):
+    target = tmp_path / "sub" / "latest"
+    atomic_write_text(target, "step_00000001")
+    atomic_write_text(target, "step_00000002")
+    assert target.read_text() == "step_00000002"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert [p.name for p in target.parent.iterdir()] == ["latest"]
