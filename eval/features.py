@@ -271,7 +271,7 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _autocast(device: torch.device, amp: str):
+def amp_autocast(device: torch.device, amp: str):
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
     if amp == "none":
@@ -296,7 +296,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: str | torch.dev
     if device.type == "cpu":
         retain_freed_memory()  # every batch reuses the last one's memory instead of faulting it in anew
     model.eval().to(device)
-    ctx, amp_used = _autocast(device, amp)
+    ctx, amp_used = amp_autocast(device, amp)
     rank, world = _dist_info()
     feats: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
     labels: list[np.ndarray] = []
@@ -424,7 +424,7 @@ def get_features(model: nn.Module, source: DataSource, transform=None, kinds: st
     single = isinstance(kinds, str)
     kinds = (kinds,) if single else tuple(kinds)
     device = torch.device(device)
-    _, amp_used = _autocast(device, amp)
+    _, amp_used = amp_autocast(device, amp)
     digest = digest or weights_digest(model)
     rank, world = _dist_info()
     found: dict[str, FeatureSet] = {}
@@ -604,7 +604,7 @@ def setup_from_args(args: argparse.Namespace) -> EvalContext:
     return EvalContext(args, device, rank, world, out, cache, owns)
 
 
-def _split_source(args: argparse.Namespace, split: str) -> DataSource | None:
+def split_source(args: argparse.Namespace, split: str) -> DataSource | None:
     name = getattr(args, f"{split}_split", None)
     shards = getattr(args, f"{split}_shards", None)
     folder = getattr(args, f"{split}_folder", None)
@@ -634,7 +634,7 @@ def features_from_args(args: argparse.Namespace, ctx: EvalContext, split: str, k
     if pre:
         fs = load_feature_file(pre)
         return fs if isinstance(kinds, str) else {fs.meta.get("kind", "precomputed"): fs}
-    src = _split_source(args, split)
+    src = split_source(args, split)
     if src is None:
         raise SystemExit(f"no {split} data: give --data (+ --{split}-split), --{split}-shards, --{split}-folder "
                          f"or --{split}-features")
@@ -643,7 +643,7 @@ def features_from_args(args: argparse.Namespace, ctx: EvalContext, split: str, k
         if not isinstance(kinds, str):
             raise ValueError("a feature store holds one feature kind")
         base = ctx.cache_dir if ctx.cache_dir is not None else ctx.out_dir / "feature_store"
-        _, amp_used = _autocast(ctx.device, args.amp)
+        _, amp_used = amp_autocast(ctx.device, args.amp)
         path = Path(base) / (cache_key(ctx.digest, src, ctx.transform(), kinds, amp_used) + f"-store{store_shard_rows}")
         store = get_feature_store(ctx.model, src, path, ctx.transform(), kinds, ctx.device, args.batch_size,
                                   args.num_workers, args.amp, store_shard_rows)
@@ -668,7 +668,7 @@ def get_feature_store(model: nn.Module, source: DataSource, path: str | os.PathL
     if not ShardedFeatureStore.is_store(path):
         device = torch.device(device)
         model.eval().to(device)
-        ctx, _ = _autocast(device, amp)
+        ctx, _ = amp_autocast(device, amp)
         part_path = path / f"rank-{rank:05d}"
         if part_path.exists():
             shutil.rmtree(part_path)

@@ -320,7 +320,7 @@ def train_linear_protocol(model: nn.Module, train_batches: Callable[[int], Itera
     training augmentation (this rank's share of the global batch); exactly ``steps_per_epoch`` are
     taken per epoch on every rank. ``val_batches()`` yields (images, labels[, keys]) of this rank's
     part of the evaluation split. Returns per-epoch and best top-1 / top-5 (percent)."""
-    from eval.features import _autocast, forward_features
+    from eval.features import amp_autocast, forward_features
 
     cfg = cfg or LinearProtocolConfig()
     rank, world = _dist()
@@ -338,7 +338,7 @@ def train_linear_protocol(model: nn.Module, train_batches: Callable[[int], Itera
     lr = cfg.lr * cfg.batch_size / 256.0
     opt = torch.optim.SGD(clf.parameters(), lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs, eta_min=0)
-    ctx, _ = _autocast(device, cfg.amp)
+    ctx, _ = amp_autocast(device, cfg.amp)
     history = []
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
@@ -551,8 +551,8 @@ def _main_dino(args, ctx) -> dict:
     from eval import features as Fe
     from ssl_container.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
-    train_src = Fe._split_source(args, "train")
-    val_src = Fe._split_source(args, "val")
+    train_src = Fe.split_source(args, "train")
+    val_src = Fe.split_source(args, "val")
     if train_src is None or val_src is None or train_src.urls is None:
         raise SystemExit("--mode dino needs WebDataset train and val splits (--data or --train-shards/--val-shards)")
     ctx.sources.update(train=train_src, val=val_src)
@@ -589,9 +589,9 @@ def forward_dim_of(model: nn.Module, size: int, device) -> int:
 
 
 def _plot_history(doc: dict, path: Path, title: str) -> None:
-    from eval.plots import _plt
+    from eval.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     h = doc["history"]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.plot([r["epoch"] for r in h], [r["top1"] for r in h], "o-", label="top-1")

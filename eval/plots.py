@@ -7,7 +7,7 @@ from typing import Mapping
 __all__ = ["plot_knn", "plot_linear"]
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -18,7 +18,7 @@ def _plt():
 
 def plot_knn(result: Mapping, path: str | os.PathLike, title: str = "") -> None:
     """Top-1 and top-5 accuracy against k (log axis) from ``KnnResult.to_json()``."""
-    plt = _plt()
+    plt = pyplot()
     rows = result["results"]
     ks = [r["k"] for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
@@ -43,7 +43,7 @@ def plot_knn(result: Mapping, path: str | os.PathLike, title: str = "") -> None:
 def plot_linear(result: Mapping, path: str | os.PathLike, title: str = "") -> None:
     """Validation (and test) top-1 against the learning rate, one line per feature choice, from
     the ``heads`` list of a linear-probe result; the chosen head is circled."""
-    plt = _plt()
+    plt = pyplot()
     heads = result["heads"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for feat in sorted({h["feature"] for h in heads}):

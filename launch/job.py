@@ -110,7 +110,7 @@ def _task_setup(extra_env: dict[str, str]) -> Any:
     return dist_env
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -139,7 +139,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run_dir = Path(self.cfg.run_dir)
         if dist_env.rank == 0:
-            _append_jsonl(run_dir / "launch.jsonl", _start_record("train", dist_env, self.requeues))
+            append_jsonl(run_dir / "launch.jsonl", _start_record("train", dist_env, self.requeues))
         log.info("task %d/%d of job %s (requeue %d of at most %d), run folder %s", dist_env.rank,
                  dist_env.world_size, submitit.JobEnvironment().job_id, self.requeues, self.max_requeues, run_dir)
         from ssl_container.train import train  # after the environment is in place
@@ -183,7 +183,7 @@ class EvalJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         dist_env = _task_setup(self.env)
         if dist_env.rank == 0 and self.record_dir:
-            _append_jsonl(Path(self.record_dir) / "launch.jsonl",
+            append_jsonl(Path(self.record_dir) / "launch.jsonl",
                           {**_start_record("eval", dist_env, self.requeues), "module": self.module, "args": self.args})
         cmd = [sys.executable, "-u", "-m", self.module, *self.args]
         print(f"running {' '.join(cmd)}", flush=True)

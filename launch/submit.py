@@ -217,9 +217,9 @@ def _check_no_live_job(run_dir: Path, mode: str) -> None:
 
 
 def _record_submission(run_dir: Path, job: Any, mode: str, kind: str, extra: dict[str, Any] | None = None) -> None:
-    from launch.job import _append_jsonl
+    from launch.job import append_jsonl
 
-    _append_jsonl(run_dir / "launch.jsonl", {"event": "submitted", "mode": mode, "kind": kind, "job_id": str(job.job_id),
+    append_jsonl(run_dir / "launch.jsonl", {"event": "submitted", "mode": mode, "kind": kind, "job_id": str(job.job_id),
                                             "time": time.time(), "log_out": str(job.paths.stdout),
                                             "log_err": str(job.paths.stderr), "argv": sys.argv, **(extra or {})})
 

@@ -162,3 +162,13 @@ def test_the_rules_catch_a_breach():
     assert _package_rule("ssl_container.data.stream", "ssl_container.models")
     assert _deepspeed_rule("ssl_container.train", "deepspeed.ops")
     assert not _layer_rule("ssl_container.cli.demo", "eval.protocol")
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = []
+    for module, (path, tree) in SOURCES.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module in SOURCES and node.module != module:
+                bad += [f"{path.relative_to(REPO)}:{node.lineno}: {module} imports {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "private helpers used across modules (make them public or move them):\n" + "\n".join(bad)
