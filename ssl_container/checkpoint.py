@@ -34,7 +34,7 @@ from ssl_container.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainState", "CheckpointManager", "atomic_write_text", "read_latest", "resolve_checkpoint_dir"]
+__all__ = ["TrainState", "CheckpointManager", "latest_step_dir", "read_latest"]
 
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -70,24 +70,17 @@ def read_latest(ckpt_root: Path) -> str | None:
     if not _TAG.match(tag) or not (ckpt_root / tag / "meta.json").is_file():
         raise RuntimeError(
             f"{latest} names '{tag}', which is not a complete checkpoint folder. Point it at an existing "
-            f"step_XXXXXXXX folder under {ckpt_root} (one with meta.json), or delete it to start over."
+            f"step_XXXXXXXX folder under {ckpt_root} (one with meta.json) to resume from it, or start a new "
+            "run_dir; nothing has been changed."
         )
     return tag
 
 
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A run folder, its checkpoints folder or a step folder -> the step folder to read."""
-    path = Path(path)
-    if (path / "meta.json").is_file() and _TAG.match(path.name):
-        return path
-    for root in (path / "checkpoints", path):
-        if (root / "latest").is_file():
-            tag = read_latest(root)
-            assert tag is not None
-            return root / tag
-    raise FileNotFoundError(
-        f"no checkpoint found at {path}: expected a run folder with checkpoints/latest, or a checkpoints/step_* folder"
-    )
+def latest_step_dir(run_dir: str | Path) -> Path | None:
+    """The newest complete step folder of a run folder (``RUN/checkpoints/<latest>``), None when it has none."""
+    root = Path(run_dir) / "checkpoints"
+    tag = read_latest(root) if root.is_dir() else None
+    return root / tag if tag else None
 
 
 class CheckpointManager:

@@ -47,6 +47,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ssl_container.checkpoint import latest_step_dir
 from ssl_container.files import atomic_write_bytes
 
 __all__ = [
@@ -139,16 +140,15 @@ def _run_dir_of_step(step_dir: Path) -> Path | None:
 
 
 def _latest_step_dir(run_dir: Path) -> Path:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
+    try:
+        step_dir = latest_step_dir(run_dir)  # the run folder's layout is checkpoint.py's
+    except RuntimeError as err:
+        raise CheckpointRefused(str(err)) from None
+    if step_dir is None:
         raise CheckpointRefused(
             f"{run_dir}: run folder without checkpoints/latest, so it has no complete checkpoint yet; "
             "pass a step folder (checkpoints/step_XXXXXXXX) explicitly if you know one is complete"
         )
-    name = latest.read_text().strip()
-    step_dir = run_dir / "checkpoints" / name
-    if not name or "/" in name or not step_dir.is_dir():
-        raise CheckpointRefused(f"{latest}: names {name!r}, which is not a folder in {run_dir / 'checkpoints'}")
     return step_dir
 
 
