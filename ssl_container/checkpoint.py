@@ -1,21 +1,28 @@
-"""Atomic save and exact resume of everything a DINO run needs to continue.
+"""Atomic save and exact resume of everything a DINO run needs to continue; nothing is ever lost.
 
 Layout of ``RUN/checkpoints/`` (one folder per saved step)::
 
-    latest                        name of the newest *complete* folder; moved only after a full save
+    latest                        name of the newest complete folder; moved only after a full save
     step_00000100/
-        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's files (+ client state)
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed's files
         teacher.safetensors       fp32 teacher (backbone.* and head.*), for resume and export
         student.safetensors       fp32 student weights, likewise
-        meta.json                 step, epoch, model and head arguments, config digest, world size
+        dino_state.safetensors    the loss's center
+        meta.json                 step, epoch, model and head arguments, config digest, world size, and
+                                  the size and sha256 of every other file: written last, once all are on disk
 
-A run killed at any moment (``kill -9`` in the middle of a save included) resumes from the folder
-``latest`` names; folders written after it are incomplete by construction and are removed on resume.
-Reading back never unpickles arbitrary objects: safetensors for weights, ``weights_only`` loads for
+A folder is complete exactly when its meta.json exists. A run killed at any moment (``kill -9`` in
+the middle of a save included) resumes from the folder ``latest`` names, verified file by file
+against meta.json; if that one is damaged (a truncated or altered file, ``latest`` unreadable) the
+newest intact one is used instead, with a warning naming the file. Folders without meta.json are
+the remains of an interrupted save and are removed. A save first checks that the disk has room for
+one more checkpoint (the size of the last one) and never leaves a partial folder behind. Reading
+back never unpickles arbitrary objects: safetensors for weights, ``weights_only`` loads for
 DeepSpeed's files (see engine.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +41,8 @@ from ssl_container.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainState", "CheckpointManager", "latest_step_dir", "read_latest"]
+__all__ = ["TrainState", "CheckpointError", "CheckpointManager", "check_intact", "latest_step_dir", "move_aside",
+           "read_latest"]
 
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -62,18 +70,73 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
                    for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what to do about it."""
+
+
 def read_latest(ckpt_root: Path) -> str | None:
+    """The step folder ``latest`` names, if it names a complete one (``None`` when there is no
+    ``latest``); a ``latest`` that is unreadable or names no complete folder raises CheckpointError."""
     latest = ckpt_root / "latest"
     if not latest.is_file():
         return None
-    tag = latest.read_text().strip()
+    tag = latest.read_bytes().decode("utf-8", errors="replace").strip()
     if not _TAG.match(tag) or not (ckpt_root / tag / "meta.json").is_file():
-        raise RuntimeError(
-            f"{latest} names '{tag}', which is not a complete checkpoint folder. Point it at an existing "
+        raise CheckpointError(
+            f"{latest} names {tag[:40]!r}, which is not a complete checkpoint folder. Point it at an existing "
             f"step_XXXXXXXX folder under {ckpt_root} (one with meta.json) to resume from it, or start a new "
             "run_dir; nothing has been changed."
         )
     return tag
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``folder`` except meta.json, by relative path."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "meta.json":
+            out[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+    return out
+
+
+def check_intact(folder: Path) -> str | None:
+    """None when every file meta.json lists is there with its size and sha256; else what is wrong.
+    (Checkpoints of earlier versions list no files: they are taken as they are.)"""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"meta.json unreadable ({err})"
+    for name, want in (meta.get("files") or {}).items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256_file(p) != want["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written"
+    return None
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename a run folder to RUN.replaced-<UTC time> (nothing deleted); returns the new name."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    os.replace(run_dir, aside)
+    return aside
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def latest_step_dir(run_dir: str | Path) -> Path | None:
@@ -104,40 +167,110 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             if folder.exists():  # a leftover of an interrupted save of this very step
                 shutil.rmtree(folder)
+        room = self._room_for_one_more() if D.is_main() else None
+        if not D.all_reduce_min(room is None, getattr(engine, "device", torch.device("cpu"))):
+            raise CheckpointError(room or "another rank found no room for the checkpoint")
         D.barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-        if D.is_main():
-            for name, obj in stateful.items():
-                _save_safetensors(obj.state_dict(), folder / f"{name}.safetensors")
-            _save_safetensors(engine.module.state_dict(), folder / "student.safetensors")
-            meta = {**self.meta, "step": state.step, "epoch": epoch, "world_size": _world_size(),
-                    "stateful": sorted(stateful), "train_state": asdict(state)}
-            atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
-        if os.environ.get("SSL_CONTAINER_FAULT_KILL_IN_SAVE") == str(state.step) and D.is_main():
-            # Fault injection for the atomicity test: die after the files, before the pointer moves.
-            os.kill(os.getpid(), 9)
-        D.barrier()  # every rank's DeepSpeed files are on disk before the pointer moves
-        if D.is_main():
-            atomic_write_text(self.root / "latest", tag)
-            self._prune(keep=tag)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
+            if D.is_main():
+                for name, obj in stateful.items():
+                    _save_safetensors(obj.state_dict(), folder / f"{name}.safetensors")
+                _save_safetensors(engine.module.state_dict(), folder / "student.safetensors")
+            if os.environ.get("SSL_CONTAINER_FAULT_KILL_IN_SAVE") == str(state.step) and D.is_main():
+                # Fault injection for the atomicity test: die after the files, before meta.json.
+                os.kill(os.getpid(), 9)
+            D.barrier()  # every rank's DeepSpeed files are on disk before meta.json marks the folder complete
+            if D.is_main():
+                meta = {**self.meta, "step": state.step, "epoch": epoch, "world_size": _world_size(),
+                        "stateful": sorted(stateful), "train_state": asdict(state), "files": _folder_files(folder)}
+                atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
+                atomic_write_text(self.root / "latest", tag)
+                self._prune(keep=tag)
+        except Exception as err:
+            if D.is_main():
+                shutil.rmtree(folder, ignore_errors=True)  # never leave a partial folder behind
+            free = shutil.disk_usage(self.root).free if self.root.is_dir() else 0
+            raise CheckpointError(
+                f"saving checkpoint {folder} failed ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+                f"{free / 2**30:.2f} GiB free on its disk. The partial folder was removed; the previous "
+                f"checkpoint ({self.latest() or 'none'}) is intact and the run resumes from it."
+            ) from err
+        self._resume_tag = False  # the next resume_point() looks again
         D.barrier()
         return folder
 
+    def _room_for_one_more(self) -> str | None:
+        """None when the disk holds another checkpoint of the last one's size (+10 %), else why not."""
+        previous = [self.root / t for t in self.complete_steps()]
+        if not previous:
+            return None
+        need = int(_folder_bytes(previous[-1]) * 1.1)
+        free = shutil.disk_usage(self.root).free
+        if free >= need:
+            return None
+        return (f"not enough disk space for a checkpoint in {self.root}: {free / 2**20:.1f} MiB free, the last "
+                f"checkpoint took {need / 1.1 / 2**20:.1f} MiB. Free some space (or lower checkpoint.keep_last) and "
+                f"restart: the run resumes from {previous[-1].name}, which is intact.")
+
     def _prune(self, keep: str) -> None:
-        tags = sorted(p.name for p in self.root.iterdir() if _TAG.match(p.name))
-        complete = [t for t in tags if (self.root / t / "meta.json").is_file() and t <= keep]
-        doomed = set(complete[: -self.keep_last]) | {t for t in tags if t not in complete}
-        for t in doomed - {keep}:
-            shutil.rmtree(self.root / t, ignore_errors=True)
-            shutil.rmtree(self.root / f"{t}_universal", ignore_errors=True)
+        """Keep the newest ``keep_last`` complete checkpoints up to ``keep`` (just written, intact).
+        Folders after it (another lineage, a damaged one that was skipped) are left alone."""
+        complete = [t for t in self.complete_steps() if t <= keep]
+        for t in complete[: -self.keep_last]:
+            if t != keep:
+                shutil.rmtree(self.root / t, ignore_errors=True)
+                shutil.rmtree(self.root / f"{t}_universal", ignore_errors=True)
 
     # -- resume ------------------------------------------------------------------------------------
+    def complete_steps(self) -> list[str]:
+        """Step folders with a meta.json, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if _TAG.match(p.name) and (p / "meta.json").is_file())
+
     def latest(self) -> str | None:
-        return read_latest(self.root) if self.root.is_dir() else None
+        """What ``latest`` names (None when it is missing or broken)."""
+        try:
+            return read_latest(self.root) if self.root.is_dir() else None
+        except CheckpointError:
+            return None
+
+    def resume_point(self) -> str | None:
+        """The intact checkpoint to resume from: the one ``latest`` names, else (it is missing, broken
+        or damaged) the newest intact one; None when there are no complete checkpoints at all."""
+        if getattr(self, "_resume_tag", False) is not False:
+            return self._resume_tag
+        tags = self.complete_steps()
+        try:
+            named = read_latest(self.root) if self.root.is_dir() else None
+        except CheckpointError as err:
+            log.warning("%s; looking for the newest intact checkpoint instead", str(err).split(". Point")[0])
+            named = None
+        if named is None and tags:
+            log.warning("%s has complete checkpoints but no usable 'latest': resuming from the newest intact one",
+                        self.root)
+        order = ([named] if named else []) + [t for t in reversed(tags) if t != named]
+        damaged = []
+        for tag in order:
+            problem = check_intact(self.root / tag)
+            if problem is None:
+                if damaged:
+                    log.warning("resuming from %s instead: %s", tag, "; ".join(damaged))
+                self._resume_tag = tag
+                return tag
+            damaged.append(f"{tag} is damaged ({problem})")
+            log.warning("checkpoint %s is damaged: %s", self.root / tag, problem)
+        if damaged:
+            raise CheckpointError(
+                f"every checkpoint under {self.root} is damaged: {'; '.join(damaged)}. Nothing was changed; "
+                "restore the files from a copy, or start a new run_dir.")
+        self._resume_tag = None
+        return None
 
     def peek(self) -> dict[str, Any] | None:
-        """meta.json of the newest complete checkpoint, without loading anything."""
-        tag = self.latest()
+        """meta.json of the checkpoint a resume would use, without loading any weights."""
+        tag = self.resume_point()
         return json.loads((self.root / tag / "meta.json").read_text()) if tag else None
 
     def needs_universal(self, world_size: int, zero_stage: int) -> bool:
@@ -150,7 +283,7 @@ class CheckpointManager:
         """Collective. Rank 0 converts the latest checkpoint to the universal format if needed."""
         from ssl_container.engine import convert_to_universal
 
-        tag = self.latest()
+        tag = self.resume_point()
         target = self.root / f"{tag}_universal"
         if D.is_main() and not (target / "zero").is_dir():
             log.info("converting %s to DeepSpeed's universal format for a new world size", tag)
@@ -166,18 +299,18 @@ class CheckpointManager:
         ``None`` when there is none."""
         from ssl_container.engine import weights_only_loads
 
-        tag = self.latest()
+        tag = self.resume_point()
+        if D.is_main():  # folders without meta.json are the remains of a save that never finished
+            for p in (self.root.iterdir() if self.root.is_dir() else ()):
+                if _TAG.match(p.name) and not (p / "meta.json").is_file():
+                    log.warning("removing incomplete checkpoint %s (an interrupted save)", p)
+                    shutil.rmtree(p, ignore_errors=True)
+        D.barrier()
         if tag is None:
             return None
         folder = self.root / tag
-        if D.is_main():  # folders beyond 'latest' are the remains of a save that never finished
-            for p in self.root.iterdir():
-                if _TAG.match(p.name) and p.name > tag:
-                    log.warning("removing incomplete checkpoint %s", p)
-                    shutil.rmtree(p, ignore_errors=True)
-        D.barrier()
         meta = json.loads((folder / "meta.json").read_text())
-        self._check_compatible(meta, folder)
+        self.check_compatible(meta, folder)
         with weights_only_loads():
             load_path, _ = engine.load_checkpoint(str(self.root), tag=f"{tag}_universal" if universal else tag,
                                                        load_module_strict=True)
@@ -194,7 +327,7 @@ class CheckpointManager:
         log.info("resumed from %s (step %d, epoch %s)", folder, state.step, meta.get("epoch"))
         return state
 
-    def _check_compatible(self, meta: dict[str, Any], folder: Path) -> None:
+    def check_compatible(self, meta: dict[str, Any], folder: Path) -> None:
         for key in ("model", "head"):
             if meta.get(key) != self.meta.get(key):
                 raise RuntimeError(

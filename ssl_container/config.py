@@ -131,7 +131,8 @@ class EngineConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
-    resume: bool = True  # resume from the newest complete checkpoint in run_dir
+    resume: bool = True  # resume from the newest intact checkpoint in run_dir
+    overwrite: bool = False  # start fresh where checkpoints exist: the old run folder is renamed aside, never deleted
 
 
 @dataclass
@@ -232,15 +233,36 @@ def _validate(cfg: TrainConfig) -> None:
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "head.out_dim": cfg.head.out_dim,
         "data.crops.n_global": cfg.data.crops.n_global,
+        "data.crops.global_size": cfg.data.crops.global_size,
+        "data.crops.local_size": cfg.data.crops.local_size,
         "logging.every_steps": cfg.logging.every_steps,
+        "optim.lr": cfg.optim.lr,
+        "dino.teacher_temp": cfg.dino.teacher_temp,
+        "dino.warmup_teacher_temp": cfg.dino.warmup_teacher_temp,
+        "dino.student_temp": cfg.dino.student_temp,
+        "head.hidden_dim": cfg.head.hidden_dim,
+        "head.bottleneck_dim": cfg.head.bottleneck_dim,
+        "max_nonfinite": cfg.max_nonfinite,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {value}")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise ConfigError(f"config key 'max_steps' must be > 0 or null, got {cfg.max_steps}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}")
+    non_negative = {
+        "data.num_workers": cfg.data.num_workers, "data.crops.n_local": cfg.data.crops.n_local,
+        "optim.min_lr": cfg.optim.min_lr, "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.weight_decay_end": cfg.optim.weight_decay_end, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+        "optim.clip_grad": cfg.optim.clip_grad, "dino.warmup_teacher_temp_epochs": cfg.dino.warmup_teacher_temp_epochs,
+        "dino.freeze_last_layer": cfg.dino.freeze_last_layer, "model.drop_path_rate": cfg.model.drop_path_rate,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
+    for key, value in {"dino.momentum_teacher": cfg.dino.momentum_teacher,
+                       "dino.center_momentum": cfg.dino.center_momentum}.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {value}")
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.urls):
         raise ConfigError(
             f"config key 'data.weights' has {len(cfg.data.weights)} entries for {len(cfg.data.urls)} "

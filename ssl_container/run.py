@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.checkpoint import CheckpointManager, TrainState
+from ssl_container.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
 from ssl_container.config import TrainConfig, config_digest, save_config
 from ssl_container.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.stream import MultiCropConfig, TrainDataConfig, steps_per_epoch
@@ -126,14 +126,26 @@ def _disable_drop_path(model: nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
+def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
+    """Crop sizes the backbone cannot take fail here, naming the keys, not at the first step."""
+    stride = getattr(backbone, "total_stride", None)
+    if not stride:
+        return
+    c = cfg.data.crops
+    sizes = {"data.crops.global_size": c.global_size, **({"data.crops.local_size": c.local_size} if c.n_local else {})}
+    bad = {k: v for k, v in sizes.items() if v % stride}
+    if bad:
+        raise ValueError(
+            f"{cfg.model.name} needs crop sizes divisible by its total stride {stride}: "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + " (e.g. " + ", ".join(f"{k}={max(stride, round(v / stride) * stride)}" for k, v in bad.items()) + ")")
+
+
 def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None = None) -> Run:
     """Models, engine, teacher, loss, schedules and checkpoints of ``cfg``, resumed from the newest
     complete checkpoint in its run folder when ``checkpoint.resume`` (or ``resume``) says so. The
     process group must already exist (``distributed.init_distributed``)."""
     run_dir = Path(cfg.run_dir)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     precision = effective_precision(cfg, device)
     _set_cpu_threads(cfg, env, device)
     if device.type == "cpu" and cfg.engine.cpu_retain_memory:
@@ -168,13 +180,34 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
         freeze_last_layer=cfg.dino.freeze_last_layer,
     )
 
-    # --- engine and resume --------------------------------------------------------------------------
+    # --- checked before anything is written: crops, the run folder's checkpoints ----------------------
+    _check_crops(cfg, student.backbone)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, meta={
         "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
         "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
         "config_sha256": config_digest(cfg),
     })
     resume = cfg.checkpoint.resume if resume is None else resume
+    existing = ckpt.complete_steps()
+    if existing and not resume:
+        if not cfg.checkpoint.overwrite:
+            raise CheckpointError(
+                f"{run_dir} holds checkpoints ({existing[0]} .. {existing[-1]}) and checkpoint.resume=false: a fresh "
+                "start would replace them. Choose one: resume them (checkpoint.resume=true), train in a new "
+                "run_dir, or checkpoint.overwrite=true, which renames the old run folder to "
+                f"{run_dir.name}.replaced-<time> and starts fresh (nothing is deleted). Nothing has been changed.")
+        if env.is_main:
+            log.warning("checkpoint.overwrite=true: the previous run is now %s", move_aside(run_dir))
+        D.barrier()
+    elif resume and existing:
+        meta = ckpt.peek()  # verifies the checkpoint's files; falls back to the newest intact one
+        if meta is not None:
+            ckpt.check_compatible(meta, ckpt.root / ckpt.resume_point())
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # --- engine and resume --------------------------------------------------------------------------
     universal = resume and ckpt.needs_universal(env.world_size, cfg.engine.zero_stage)
     if universal:
         ckpt.prepare_universal()

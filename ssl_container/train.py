@@ -16,7 +16,10 @@ import argparse
 import hashlib
 import json
 import logging
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -39,6 +42,45 @@ __all__ = ["train", "build_student", "data_config", "main", "NonFiniteLossError"
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class StoppedBySignal(Exception):
+    """SIGTERM / SIGINT: the step in flight finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int, folder: Path, step: int) -> None:
+        self.signum, self.folder, self.step = signum, folder, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint saved in {folder}; "
+                         "run the same command again to resume from it")
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT ask the loop to stop after the current step (with a checkpoint); a second
+    one acts at once (the default action is put back). Handlers someone else installed (submitit's,
+    a notebook's) are left in place, and so is Slurm's USR2 path."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    DEFAULTS = (signal.SIG_DFL, signal.default_int_handler)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        log.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                if signal.getsignal(s) in self.DEFAULTS:
+                    self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -64,7 +106,9 @@ def _train(run: Run) -> dict[str, Any]:
     collapse = CollapseMonitor(cfg.head.out_dim, rows=cfg.data.crops.n_global * cfg.data.batch_size)
     batches = None
     failed = True
+    stops = _StopSignals()
     try:
+        stops.__enter__()
         while state.step < run.total_steps:
             epoch, in_epoch = divmod(state.step, run.iters_per_epoch)
             loader = make_train_loader(run.data, env.rank, env.world_size, epoch,
@@ -82,11 +126,18 @@ def _train(run: Run) -> dict[str, Any]:
                     folder = run.save()
                     raise NonFiniteLossError(
                         f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
-                        f"{state.step - state.consecutive_nonfinite}..{state.step - 1}); the last good weights are "
+                        f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
                         f"saved in {folder}. Usual causes: a learning rate too high for the batch (optim.lr), fp16 "
                         "overflow (use engine.precision=bf16), or corrupt inputs. Lower optim.lr or raise "
                         "optim.warmup_epochs and restart from the same run_dir to resume."
                     )
+                # Every rank stops at the same step, even if only one received the signal.
+                if env.world_size > 1 or stops.received is not None:
+                    if not D.all_reduce_min(stops.received is None, run.device):
+                        folder = run.save()
+                        if env.is_main:
+                            metrics.event("stopped", step=state.step, signal=stops.received or 0, checkpoint=str(folder))
+                        raise StoppedBySignal(stops.received or signal.SIGTERM, folder, state.step)
                 if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
                     run.save()
             _close(batches)
@@ -95,6 +146,7 @@ def _train(run: Run) -> dict[str, Any]:
                 metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
         failed = False
     finally:
+        stops.__exit__()
         try:
             _close(batches)
         except Exception:
@@ -159,7 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except StoppedBySignal as stop:
+        if D.resolve_env().is_main:
+            print(f"ssl-container train: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "terminated by signal N"
     if D.resolve_env().is_main:
         print(json.dumps(summary))
     return 0

@@ -94,10 +94,13 @@ def test_a_broken_recipe_mapping_is_named():
         load_config({"optim": {"lrr": 1.0}})
 
 
-def test_demo_is_the_small_budget_recipe():
+def test_demo_is_the_small_budget_recipe_without_local_crops():
     demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     small = yaml.safe_load((REPO / "configs" / "small_budget.yaml").read_text())
-    assert demo.pop("max_steps") == 480 and demo.pop("run_dir") != small.pop("run_dir")
+    assert demo.pop("max_steps") == 960 and demo.pop("run_dir") != small.pop("run_dir")
+    # 30 epochs of 1024 images = 960 steps of 32: the schedules end with the demo
+    assert (demo.pop("epochs"), small.pop("epochs")) == (30, 15)
+    assert (demo["data"]["crops"].pop("n_local"), small["data"]["crops"].pop("n_local")) == (0, 6)
     assert demo == small
     cfg = load_config(REPO / "configs" / "small_budget.yaml")
     assert cfg.model.name == "container_light_narrow" and cfg.dino.sinkhorn_knopp and cfg.dino.koleo_weight == 0.1

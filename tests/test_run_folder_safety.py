@@ -1,0 +1,122 @@
+"""Nothing in a run folder is lost: fresh starts over checkpoints, refused resumes, damaged
+checkpoints, signals, a full disk. Real trainer runs (the tiny config of test_train)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train import REPO, SHARDS, TINY, _env, _losses, _run, _teacher  # noqa: F401  (skip marker too)
+from test_train import pytestmark  # noqa: F401
+
+STEPS = ("max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+
+
+def _steps(run):
+    return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+
+
+def test_fresh_start_over_checkpoints_refuses_and_overwrite_moves_the_old_run_aside(tmp_path):
+    run = tmp_path / "r1"
+    _run(run, *STEPS)
+    before = _steps(run)
+    config_before = (run / "config.yaml").read_text()
+    proc = _run(run, "max_steps=2", "checkpoint.resume=false", check=False)
+    assert proc.returncode != 0
+    assert "checkpoint.resume=false" in proc.stderr and "checkpoint.overwrite=true" in proc.stderr
+    assert _steps(run) == before and (run / "config.yaml").read_text() == config_before  # untouched
+    _run(run, "max_steps=2", "checkpoint.resume=false", "checkpoint.overwrite=true")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r1.replaced-")]
+    assert len(aside) == 1 and _steps(aside[0]) == before  # the old run, whole
+    assert _steps(run) == ["step_00000002"] and sorted(_losses(run)) == [1, 2]  # one run per folder
+
+
+def test_missing_latest_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    run = tmp_path / "r"
+    _run(run, *STEPS)
+    (run / "checkpoints" / "latest").unlink()
+    proc = _run(run, "max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    assert "no usable 'latest'" in proc.stderr
+    assert _steps(run) == [f"step_{i:08d}" for i in (2, 4, 6, 8)]  # nothing was pruned or restarted
+    assert sorted(_losses(run)) == list(range(1, 9))
+
+
+def test_refused_resume_rewrites_nothing(tmp_path):
+    run = tmp_path / "r"
+    _run(run, "max_steps=2", "checkpoint.every_steps=2")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = _run(run, "max_steps=4", "head.out_dim=128", check=False)
+    assert proc.returncode != 0 and "out_dim" in proc.stderr and "new run_dir" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.parametrize("damage", ["truncate-teacher", "truncate-deepspeed", "garbage-latest"])
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, damage):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(ref, "max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    _run(run, "max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    newest = run / "checkpoints" / "step_00000004"
+    if damage == "truncate-teacher":
+        victim = newest / "teacher.safetensors"
+        victim.write_bytes(victim.read_bytes()[:1000])
+    elif damage == "truncate-deepspeed":
+        victim = next(newest.glob("mp_rank_*_model_states.pt"))
+        victim.write_bytes(victim.read_bytes()[:5000])
+    else:
+        (run / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    proc = _run(run, "max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
+    if damage != "garbage-latest":
+        assert "step_00000004 is damaged" in proc.stderr and victim.name in proc.stderr
+        assert "resuming from step_00000002" in proc.stderr
+    # resumed from an intact checkpoint: the same per-step losses and teacher as one clean run
+    assert _losses(run) == _losses(ref)
+    a, b = _teacher(ref, 6), _teacher(run, 6)
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_the_run_resumes_exactly(tmp_path, signum):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    common = ("max_steps=10", "checkpoint.every_steps=100")
+    _run(ref, *common)
+    cmd = [sys.executable, "-m", "ssl_container", "train", f"run_dir={run}", *TINY, *common]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err
+    line = [ln for ln in err.splitlines() if ln.startswith("ssl-container train: stopped by")]
+    assert len(line) == 1 and "checkpoint saved in" in line[0]
+    stopped_at = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "meta.json")
+                            .read_text())["step"]
+    assert 3 <= stopped_at < 10
+    _run(run, *common)
+    assert _losses(run) == _losses(ref)
+
+
+# A tiny-model checkpoint is ~8.7 MB. 24 MB: two fit, the third fails the room check before it
+# writes anything; 5 MB: the first one runs out of space in the middle of being written.
+@pytest.mark.parametrize("size, message", [("24m", "not enough disk space"), ("5m", "GiB free on its disk")])
+def test_full_disk_never_leaves_a_partial_checkpoint(tmp_path, size, message):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root in a machine that allows mounts)")
+    try:
+        run = mnt / "r"
+        proc = _run(run, "max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=10", check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+        steps = _steps(run) if (run / "checkpoints").is_dir() else []
+        assert all((run / "checkpoints" / s / "meta.json").is_file() for s in steps)  # none partial
+        assert len(steps) == (2 if size == "24m" else 0)
+        assert not [p for p in run.rglob("*.tmp")]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
