@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ssl_container.checkpoint import latest_step_dir
-from ssl_container.files import atomic_write_bytes
+from ssl_container.files import atomic_path, atomic_write_bytes
 
 __all__ = [
     "ACCEPTED",
@@ -459,6 +459,24 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def export_onnx(model: nn.Module, path: str | os.PathLike, size: int = 224, opset: int = 17) -> dict[str, Any]:
+    """The backbone as ONNX (input ``images`` N x 3 x H x W, output ``features`` N x num_features), with
+    dynamic batch, height and width (multiples of the model's stride). Models are stock PyTorch, so
+    the exporter sees plain convolutions and matmuls."""
+    was_training = model.training
+    model.eval()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp, torch.no_grad():
+            torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=["images"], output_names=["features"],
+                              dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}})
+    finally:
+        model.train(was_training)
+    return {"file": path.name, "sha256": _sha256(path.read_bytes()), "opset": opset,
+            "inputs": {"images": ["batch", 3, "height", "width"]}, "outputs": {"features": ["batch", "num_features"]}}
+
+
 def export(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -469,8 +487,10 @@ def export(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    onnx: bool = False,
 ) -> Path:
-    """Write ``out_dir/backbone.safetensors`` (fp32), ``meta.json`` and optionally ``dino_head.safetensors``.
+    """Write ``out_dir/backbone.safetensors`` (fp32), ``meta.json`` and optionally ``dino_head.safetensors``
+    and ``model.onnx`` (``onnx=True``: the backbone with dynamic batch, height and width).
 
     ``which``: ``"teacher"`` (default where both exist; DINO's teacher is the better backbone) or
     ``"student"``. ``eval_results`` are merged over those recorded in the checkpoint. The weights
@@ -486,7 +506,8 @@ def export(
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    existing = [f for f in ("meta.json", "backbone.safetensors", "dino_head.safetensors") if (out / f).exists()]
+    existing = [f for f in ("meta.json", "backbone.safetensors", "dino_head.safetensors", "model.onnx")
+                if (out / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out}: already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace")
 
@@ -510,6 +531,10 @@ def export(
         files["dino_head"] = {"file": "dino_head.safetensors", "sha256": _sha256(head_bytes),
                               "tensors": len(head), "config": _jsonable(ckpt.head_config or {})}
 
+    if onnx:
+        files["onnx"] = export_onnx(model, out / "model.onnx")
+    elif (out / "model.onnx").exists():
+        os.unlink(out / "model.onnx")  # stale graph from an earlier export into this folder
     evals = {**(ckpt.eval or {}), **dict(eval_results or {})} or None
     import ssl_container
 
@@ -524,6 +549,7 @@ def export(
         "source": _jsonable(ckpt.source),
         "weights": files["backbone"],
         "dino_head": files.get("dino_head"),
+        "onnx": files.get("onnx"),
         "notes": ckpt.notes,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"ssl_container": ssl_container.__version__, "torch": torch.__version__},

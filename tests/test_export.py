@@ -275,3 +275,28 @@ def test_cli_export(tmp_path, capsys):
     (tmp_path / "x.onnx").write_bytes(b"")
     assert main(["export", str(tmp_path / "x.onnx"), "--out", str(tmp_path / "y")]) == 2
     assert "x.onnx: unsupported file type" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_onnx_export_matches_pytorch_at_two_sizes(tmp_path, size, capsys):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is in the dev extras: pip install -e .[dev]")
+    from ssl_container.cli import main
+
+    r = make_run(tmp_path)
+    assert main(["export", str(r["run"]), "--onnx", "--out", str(tmp_path / "exp")]) == 0
+    assert "model.onnx (dynamic batch, height, width)" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "exp" / "meta.json").read_text())
+    onnx_file = tmp_path / "exp" / "model.onnx"
+    assert meta["onnx"]["sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    model = load_backbone(tmp_path / "exp").eval()  # the teacher
+    for batch in (1, 3):  # dynamic batch, and a size other than the 224 of the trace
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(size + batch))
+        got = session.run(None, {"images": x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert got.shape == want.shape == (batch, 128)
+        assert abs(got - want).max() <= 1e-4
+    # exporting again without --onnx removes the stale graph rather than leaving it beside new weights
+    assert main(["export", str(r["run"]), "--overwrite", "--out", str(tmp_path / "exp")]) == 0
+    assert not onnx_file.exists()

@@ -136,9 +136,10 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     if steps:
         overrides.append(f"max_steps={steps}")
     cfg = load_config(recipe, overrides)
+    c = cfg.data.crops
+    crops = f"{c.n_global}x{c.global_size}px" + (f" + {c.n_local}x{c.local_size}px" if c.n_local else "")
     print(f"[demo] 1/3 DINO pretraining of {cfg.model.name}: {cfg.max_steps} steps of {cfg.data.batch_size} images "
-          f"({cfg.data.crops.n_global}x{cfg.data.crops.global_size}px + {cfg.data.crops.n_local}x"
-          f"{cfg.data.crops.local_size}px crops), fp32 on CPU", flush=True)
+          f"({crops} crops), fp32 on CPU", flush=True)
     summary = train(cfg)
     t_train = time.perf_counter() - t_start
 
