@@ -154,22 +154,12 @@ def _train_options(opts: JobOptions, cfg: Any) -> JobOptions:
     return opts
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _run_folder_notes(cfg: Any) -> list[str]:
     """What an existing run folder means for this submission: a resume, and what changed."""
     import yaml
 
     from ssl_container.checkpoint import read_latest
-    from ssl_container.config import config_to_dict
+    from ssl_container.config import config_changes
 
     run_dir = Path(cfg.run_dir)
     notes = []
@@ -181,9 +171,7 @@ def _run_folder_notes(cfg: Any) -> list[str]:
         notes.append(f"{run_dir} has checkpoint {tag}: the job resumes from it")
     old_path = run_dir / "config.yaml"
     if old_path.is_file():
-        old = _flatten(yaml.safe_load(old_path.read_text()) or {})
-        new = _flatten(config_to_dict(cfg))
-        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_changes(yaml.safe_load(old_path.read_text()) or {}, cfg)]
         if changed:
             notes.append("config changes against the run folder's config.yaml: " + "; ".join(changed))
     return notes

@@ -133,6 +133,7 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True  # resume from the newest intact checkpoint in run_dir
     overwrite: bool = False  # start fresh where checkpoints exist: the old run folder is renamed aside, never deleted
+    allow_changes: list[str] = field(default_factory=list)  # resume although these state keys changed (config.STATE_KEYS)
 
 
 @dataclass
@@ -323,6 +324,10 @@ def _parse_override_value(raw: str) -> Any:
         return raw
     if "{" in raw or raw.startswith(("/", "pipe:", "http", "s3:", "gs:")):
         return raw
+    if raw.lower() in ("on", "off", "yes", "no", "y", "n"):
+        # YAML 1.1 reads these as booleans (logging.progress=off would fail as False); OmegaConf
+        # still turns them into booleans for boolean keys.
+        return raw
     try:
         return yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
@@ -394,6 +399,35 @@ def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: S
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# Keys whose change reinterprets a saved run: the data position (batch, epoch length, crops), the
+# schedules' lengths, the seed of every random draw. Resuming with another value refuses unless
+# checkpoint.allow_changes names the key.
+STATE_KEYS = ("seed", "epochs", "data.batch_size", "data.samples_per_epoch", "data.urls", "data.weights",
+              "data.crops.", "engine.grad_accum_steps", "optim.warmup_epochs", "optim.lr", "optim.min_lr",
+              "dino.warmup_teacher_temp_epochs", "dino.freeze_last_layer")
+
+
+def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; ``kwargs`` mappings stay whole (their keys are the model's)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every key that differs from a run's saved config.yaml."""
+    old, new = flatten_config(saved), flatten_config(config_to_dict(cfg))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def changes_state(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in STATE_KEYS)
 
 
 def config_digest(cfg: TrainConfig) -> str:

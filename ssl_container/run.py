@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import yaml
 from torch import nn
 
 from ssl_container import distributed as D
 from ssl_container.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
-from ssl_container.config import TrainConfig, config_digest, save_config
+from ssl_container.config import TrainConfig, changes_state, config_changes, config_digest, save_config
 from ssl_container.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.stream import MultiCropConfig, TrainDataConfig, steps_per_epoch
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
@@ -141,6 +142,26 @@ def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
             + " (e.g. " + ", ".join(f"{k}={max(stride, round(v / stride) * stride)}" for k, v in bad.items()) + ")")
 
 
+def _check_changes(cfg: TrainConfig, saved_path: Path) -> None:
+    """A resume lists every key that differs from the run's config.yaml (the reference); keys that
+    reinterpret the saved state refuse unless checkpoint.allow_changes names them."""
+    if not saved_path.is_file():
+        return
+    changes = [c for c in config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg)
+               if c[0] != "checkpoint.allow_changes"]
+    if not changes:
+        return
+    log.warning("resuming %s with a changed config: %s", saved_path.parent,
+                "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+    refused = [k for k, _, _ in changes if changes_state(k) and k not in cfg.checkpoint.allow_changes]
+    if refused:
+        raise CheckpointError(
+            f"resuming {saved_path.parent} would change {', '.join(refused)}, which the saved state depends on (data "
+            "position, schedules, random draws). Resume with the values in its config.yaml, train in a new run_dir, "
+            f"or accept the change knowingly with checkpoint.allow_changes=[{','.join(refused)}]. Nothing has been "
+            "changed.")
+
+
 def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None = None) -> Run:
     """Models, engine, teacher, loss, schedules and checkpoints of ``cfg``, resumed from the newest
     complete checkpoint in its run folder when ``checkpoint.resume`` (or ``resume``) says so. The
@@ -203,6 +224,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
         meta = ckpt.peek()  # verifies the checkpoint's files; falls back to the newest intact one
         if meta is not None:
             ckpt.check_compatible(meta, ckpt.root / ckpt.resume_point())
+            _check_changes(cfg, run_dir / "config.yaml")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -104,3 +104,16 @@ def test_demo_is_the_small_budget_recipe_without_local_crops():
     assert demo == small
     cfg = load_config(REPO / "configs" / "small_budget.yaml")
     assert cfg.model.name == "container_light_narrow" and cfg.dino.sinkhorn_knopp and cfg.dino.koleo_weight == 0.1
+
+
+def test_yaml_words_stay_words_for_text_keys_and_booleans_for_boolean_keys():
+    cfg = load_config(None, ["logging.progress=off", "logging.tensorboard=off", "checkpoint.resume=yes"])
+    assert (cfg.logging.progress, cfg.logging.tensorboard, cfg.checkpoint.resume) == ("off", False, True)
+
+
+@pytest.mark.parametrize("override, key", [("optim.lr=-1", "optim.lr"), ("data.crops.n_local=-1", "data.crops.n_local"),
+                                           ("dino.momentum_teacher=1.5", "dino.momentum_teacher"),
+                                           ("data.crops.global_size=0", "data.crops.global_size")])
+def test_out_of_range_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])

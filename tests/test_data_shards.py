@@ -128,3 +128,24 @@ def test_verify_shared_cifar_test_split():
         pytest.skip("../shared/data/cifar10 is absent (set SSL_CONTAINER_DATA or provide ../shared/data)")
     report = verify_shards(str(root / "cifar10" / "test-000001.tar.gz"), decode=False)
     assert report.ok and report.shards[0]["sha256_ok"] is True and report.shards[0]["samples"] == 5000
+
+
+def test_names_never_leave_the_output_folder(image_folder, tmp_path):
+    import io
+
+    out = tmp_path / "deep" / "shards"
+    with pytest.raises(ValueError, match="not a plain name"):
+        write_shards(str(image_folder), str(out), split="../../x")
+    assert not (tmp_path / "x-000000.tar").exists() and not list(tmp_path.rglob("x-*.tar"))
+    # a source shard whose member names climb out of the tar's root: the copies are renumbered
+    evil = tmp_path / "evil-000000.tar"
+    jpeg = synthetic_jpeg(np.random.default_rng(1), 40, 40)
+    with tarfile.open(evil, "w") as tf:
+        for key in ("../escape", "ok"):
+            for ext, data in (("jpg", jpeg), ("cls", b"1")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    write_shards(str(evil), str(out), name="safe")
+    names = _tar_keys(out / "train-000000.tar")
+    assert len(names) == 4 and all(n.startswith("safe_train_") for n in names)

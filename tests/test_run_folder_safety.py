@@ -120,3 +120,17 @@ def test_full_disk_never_leaves_a_partial_checkpoint(tmp_path, size, message):
         assert not [p for p in run.rglob("*.tmp")]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_changed_config_on_resume_lists_the_changes_and_refuses_state_keys(tmp_path):
+    run = tmp_path / "r"
+    _run(run, "max_steps=2", "checkpoint.every_steps=2")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = _run(run, "max_steps=4", "data.batch_size=8", check=False)
+    assert proc.returncode != 0
+    assert "would change data.batch_size" in proc.stderr and "checkpoint.allow_changes=[data.batch_size]" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files  # refused before any write
+    # a change that reinterprets nothing is listed and goes ahead
+    proc = _run(run, "max_steps=4", "checkpoint.every_steps=2", "logging.every_steps=1")
+    assert "changed config: logging.every_steps: 10 -> 1; max_steps: 2 -> 4" in proc.stderr
+    assert sorted(_losses(run)) == [1, 2, 3, 4]

@@ -207,6 +207,14 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _safe_key(key: str) -> bool:
+    """A member name stays inside the tar: not absolute, no '..' component (folders are fine)."""
+    return bool(key) and not key.startswith(("/", "\\")) and ".." not in re.split(r"[/\\]", key)
+
+
 def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "train", name: str | None = None,
                  max_count: int = 1000, max_bytes: int | None = 1 << 30, seed: int = 0,
                  source_kind: str = "auto", classes: Sequence[str] | None = None) -> dict:
@@ -226,6 +234,9 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     classes = list(classes) if classes else found_classes
     if max_count < 1:
         raise ValueError("max_count must be >= 1")
+    if not _SAFE_NAME.fullmatch(split):
+        raise ValueError(f"split {split!r} is not a plain name (letters, digits, '_', '-', '.'; no '/' or '..'): "
+                         "it names the shard files inside out_dir, e.g. --split train")
     os.makedirs(out_dir, exist_ok=True)
     for leftover in os.listdir(out_dir):  # temporary files of an interrupted earlier run (only ours match)
         if re.fullmatch(rf"\.(?:{re.escape(split)}-\d{{6}}\.tar|dataset\.json)\..+\.tmp", leftover):
@@ -234,6 +245,8 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     order = np.random.default_rng(seed).permutation(len(items))
     width = max(6, len(str(len(items) - 1)))
     keep_keys = all(it.key is not None for it in items) and len({it.key for it in items}) == len(items)
+    if keep_keys and not all(_safe_key(it.key) for it in items):
+        keep_keys = False  # a source key with '/' or '..' would become a path inside the tar: renumber instead
 
     # plan the shards (counts and byte limits) before writing anything
     plan: list[list[int]] = [[]]
