@@ -477,6 +477,56 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: int = 224, opse
             "inputs": {"images": ["batch", 3, "height", "width"]}, "outputs": {"features": ["batch", "num_features"]}}
 
 
+def timm_config(model: nn.Module, name: str, model_args: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json in timm's pretrained-config format (what ``local-dir:`` and ``hf-hub:`` read)."""
+    base = dict(getattr(model, "pretrained_cfg", None) or {})
+    keep = ("input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "pool_size",
+            "first_conv", "license")
+    pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in base.items() if k in keep}
+    pretrained_cfg.update({"tag": "dino", "custom_load": False, "num_classes": 0, "classifier": "head"})
+    return {"architecture": name, "num_classes": 0, "num_features": getattr(model, "num_features", None),
+            "model_args": _jsonable(dict(model_args)), "pretrained_cfg": pretrained_cfg}
+
+
+def model_card(meta: Mapping[str, Any]) -> str:
+    """README.md for the export folder (the Hub shows it first): what it is, how it was made and
+    evaluated, how to load it."""
+    name = meta["model"]["name"]
+    evals = meta.get("eval") or {}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in evals.items()) or "| (none recorded) | |"
+    return f"""---
+library_name: timm
+license: apache-2.0
+tags: [image-feature-extraction, self-supervised, dino, timm, ssl_container]
+---
+# {name}, DINO-pretrained backbone
+
+A {name} backbone (no classifier, {meta['model'].get('num_features')} features) pretrained with DINO
+by [ssl_container](https://github.com/) ({meta.get('which') or 'backbone'} network, step {meta.get('step')}).
+Recipe digest (sha256 of the resolved training config): `{meta.get('config_sha256')}`.
+
+## Evaluation
+
+| metric | value |
+|---|---|
+{rows}
+
+k-NN figures use DINO's protocol (cosine similarity, weighted vote exp(sim / 0.07), k = 20) on the data named
+beside them; see the project's docs/performance.md for the floors (random init, raw pixels) under the same protocol.
+
+## Use
+
+```python
+import timm, ssl_container  # importing ssl_container registers {name} with timm
+model = timm.create_model("local-dir:PATH_TO_THIS_FOLDER", pretrained=True, num_classes=0)  # or "hf-hub:ORG/NAME"
+features = model(images)                                                     # (N, {meta['model'].get('num_features')})
+model = ssl_container.export.load_backbone("PATH_TO_THIS_FOLDER")            # the same weights, strict load
+```
+Upload: `huggingface_hub.upload_folder(repo_id="ORG/NAME", folder_path="PATH_TO_THIS_FOLDER")`.
+Weights: `model.safetensors` (= `backbone.safetensors`, sha256 `{meta['weights']['sha256']}`), fp32.
+"""
+
+
 def export(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -506,8 +556,8 @@ def export(
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    existing = [f for f in ("meta.json", "backbone.safetensors", "dino_head.safetensors", "model.onnx")
-                if (out / f).exists()]
+    existing = [f for f in ("meta.json", "backbone.safetensors", "dino_head.safetensors", "model.onnx",
+                            "model.safetensors", "config.json", "README.md") if (out / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out}: already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace")
 
@@ -561,6 +611,11 @@ def export(
         },
     }
     atomic_write_bytes(out / "backbone.safetensors", backbone_bytes)
+    # The Hugging Face Hub / timm layout beside it: timm.create_model("local-dir:OUT") and
+    # huggingface_hub.upload_folder read config.json + model.safetensors; README.md is the model card.
+    atomic_write_bytes(out / "model.safetensors", backbone_bytes)
+    atomic_write_bytes(out / "config.json", (json.dumps(timm_config(model, name, arch_kwargs), indent=2) + "\n").encode())
+    atomic_write_bytes(out / "README.md", model_card(meta).encode())
     if head_bytes is not None:
         atomic_write_bytes(out / "dino_head.safetensors", head_bytes)
     elif (out / "dino_head.safetensors").exists():

@@ -100,7 +100,7 @@ def test_run_folder_round_trip_is_strict_and_bit_identical(tmp_path):
 
     out = export(r["run"], tmp_path / "export")
     assert not marker.exists()
-    assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "meta.json"]  # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "backbone.safetensors", "config.json", "meta.json", "model.safetensors"]  # no temp files left
     meta = json.loads((out / "meta.json").read_text())
     assert meta["format"] == "ssl_container.export/1"
     assert meta["model"] == {"name": "container_light", "kwargs": TINY, "num_features": 128}
@@ -258,7 +258,7 @@ def test_incomplete_run_and_existing_output(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         export(r["step_dir"], tmp_path / "out")
     export(r["step_dir"], tmp_path / "out", overwrite=True)  # without the head: the old head file goes
-    assert sorted(os.listdir(out)) == ["backbone.safetensors", "meta.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "backbone.safetensors", "config.json", "meta.json", "model.safetensors"]
 
 
 def test_cli_export(tmp_path, capsys):
@@ -300,3 +300,24 @@ def test_onnx_export_matches_pytorch_at_two_sizes(tmp_path, size, capsys):
     # exporting again without --onnx removes the stale graph rather than leaving it beside new weights
     assert main(["export", str(r["run"]), "--overwrite", "--out", str(tmp_path / "exp")]) == 0
     assert not onnx_file.exists()
+
+
+def test_export_is_a_timm_local_dir_and_hub_folder(tmp_path):
+    import timm
+
+    r = make_run(tmp_path)
+    out = export(r["run"], tmp_path / "exp")
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "container_light" and cfg["num_classes"] == 0 and cfg["num_features"] == 128
+    assert cfg["model_args"] == {k: list(v) for k, v in TINY.items()}
+    assert cfg["pretrained_cfg"]["mean"] == [0.485, 0.456, 0.406] and cfg["pretrained_cfg"]["crop_pct"] == 0.875
+    model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0).eval()
+    ours = load_backbone(out).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), ours(x))
+    _assert_same_state(model, r["nets"]["teacher"][0].state_dict())
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm") and "knn_top1 | 0.42" in card and "local-dir:" in card

@@ -176,9 +176,8 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     print(f"  the pretrained teacher is {rows['dino_teacher']['top1'] - best_floor:+.2f} points from the better floor")
     print(f"  exported backbone: {export_dir}/backbone.safetensors")
     print(f"  training curves:   {summary.get('curves')}")
-    print(f"  load it:  ssl_container.export.load_backbone('{export_dir}')  or  timm.create_model("
-          f"'{cfg.model.name}', pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file="
-          f"'{export_dir}/backbone.safetensors'))")
+    print(f"  load it:  ssl_container.export.load_backbone('{export_dir}')  or, after import ssl_container,  "
+          f"timm.create_model('local-dir:{export_dir}', pretrained=True, num_classes=0)")
     print(f"  total {report['total_seconds']:.0f} s; report in {out_dir / 'demo.json'}")
     return 0
 
