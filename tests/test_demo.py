@@ -45,6 +45,6 @@ def test_demo_without_shared_data_from_a_relative_out(tmp_path):
 
 @pytest.mark.skipif(not (IMAGENETTE / "dataset.json").is_file(), reason="needs ../shared/data/imagenette")
 def test_demo_on_imagenette_prints_three_rows(tmp_path):
-    proc = _demo(REPO, "--data", str(IMAGENETTE), "--steps", "3", "--out", str(tmp_path / "demo"))
+    proc = _demo(REPO, "--data", str(IMAGENETTE), "--steps", "3", "--eval-subset", "--out", str(tmp_path / "demo"))
     report = _check_report(tmp_path / "demo", proc, "imagenette", 982)
     assert report["steps"] == 3 and report["model"] == "container_light_narrow"

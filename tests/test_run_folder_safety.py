@@ -134,3 +134,37 @@ def test_changed_config_on_resume_lists_the_changes_and_refuses_state_keys(tmp_p
     proc = _run(run, "max_steps=4", "checkpoint.every_steps=2", "logging.every_steps=1")
     assert "changed config: logging.every_steps: 10 -> 1; max_steps: 2 -> 4" in proc.stderr
     assert sorted(_losses(run)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_kill_9_at_ten_random_points_of_a_two_process_run_loses_nothing(tmp_path):
+    """A 2-rank run checkpointing every step, SIGKILLed (whole process group) at 10 random moments,
+    restarted each time: the per-step losses and the final teacher are those of an uninterrupted run."""
+    import random
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    common = ("max_steps=8", "checkpoint.every_steps=1", "checkpoint.keep_last=2")
+    _run(ref, *common, nproc=2)
+    from test_train import _free_port
+
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(30):
+        if kills == 10 or ((run / "summary.json").is_file()):
+            break
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "ssl_container.train", f"run_dir={run}", *TINY, *common]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=rng.uniform(6.0, 16.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills >= 5, kills  # the run really was interrupted, repeatedly
+    if not (run / "summary.json").is_file():
+        _run(run, *common, nproc=2)
+    assert _losses(run) == _losses(ref)
+    a, b = _teacher(ref, 8), _teacher(run, 8)
+    assert all((a[k] == b[k]).all() for k in a)
