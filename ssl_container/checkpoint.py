@@ -22,7 +22,6 @@ DeepSpeed's files (see engine.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.files import atomic_path, atomic_write_text
+from ssl_container.files import atomic_path, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +89,12 @@ def read_latest(ckpt_root: Path) -> str | None:
     return tag
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _folder_files(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file under ``folder`` except meta.json, by relative path."""
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != "meta.json":
-            out[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+            out[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
 
@@ -120,7 +111,7 @@ def check_intact(folder: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != want["bytes"]:
             return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
-        if _sha256_file(p) != want["sha256"]:
+        if sha256_file(p) != want["sha256"]:
             return f"{name} does not match the sha256 recorded when it was written"
     return None
 

@@ -11,7 +11,6 @@ and counts, and returns a report listing each problem by shard and key.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ssl_container.data.augment import BadImageError, decode_rgb
-from ssl_container.files import atomic_path, atomic_write_json
+from ssl_container.files import atomic_path, atomic_write_json, sha256_file
 from ssl_container.data.sources import (
     BadDataCounter,
     expand_urls,
@@ -197,14 +196,6 @@ def _write_tar(path: str, samples: Iterator[tuple[str, dict[str, bytes]]]) -> tu
                 n += 1
         digest = sha256_file(str(tmp))
     return n, digest
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
