@@ -162,7 +162,8 @@ def bench_official(args) -> dict:
 
     if args.model != "container_light":
         raise SystemExit("--impl official is wired for --model container_light only")
-    sys.path[:0] = [str(Path(args.official_container).resolve()), str(Path(args.official_dino).resolve())]
+    # DINO first: both checkouts have a utils.py, and DINO's is the one its modules import.
+    sys.path[:0] = [str(Path(args.official_dino).resolve()), str(Path(args.official_container).resolve())]
     import main_dino  # noqa: E402  (official DINO)
     import models as official_models  # noqa: E402  (official Container)
     import utils  # noqa: E402  (official DINO)
