@@ -158,7 +158,7 @@ def _run_folder_notes(cfg: Any) -> list[str]:
     """What an existing run folder means for this submission: a resume, and what changed."""
     import yaml
 
-    from ssl_container.checkpoint import read_latest
+    from ssl_container.run_folder import read_latest
     from ssl_container.config import config_changes
 
     run_dir = Path(cfg.run_dir)

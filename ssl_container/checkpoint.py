@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +35,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.files import atomic_path, atomic_write_text, sha256_file
+from ssl_container.files import atomic_path, atomic_write_text
+from ssl_container.run_folder import (STEP_FOLDER, CheckpointError, check_intact, folder_bytes, folder_files, latest_step_dir,
+                                      move_aside, read_latest)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainState", "CheckpointError", "CheckpointManager", "check_intact", "latest_step_dir", "move_aside",
            "read_latest"]
-
-_TAG = re.compile(r"^step_(\d{8})$")
-
 
 @dataclass
 class TrainState:
@@ -67,74 +65,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     with atomic_path(path) as tmp:
         save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
                    for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with what to do about it."""
-
-
-def read_latest(ckpt_root: Path) -> str | None:
-    """The step folder ``latest`` names, if it names a complete one (``None`` when there is no
-    ``latest``); a ``latest`` that is unreadable or names no complete folder raises CheckpointError."""
-    latest = ckpt_root / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_bytes().decode("utf-8", errors="replace").strip()
-    if not _TAG.match(tag) or not (ckpt_root / tag / "meta.json").is_file():
-        raise CheckpointError(
-            f"{latest} names {tag[:40]!r}, which is not a complete checkpoint folder. Point it at an existing "
-            f"step_XXXXXXXX folder under {ckpt_root} (one with meta.json) to resume from it, or start a new "
-            "run_dir; nothing has been changed."
-        )
-    return tag
-
-
-def _folder_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file under ``folder`` except meta.json, by relative path."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "meta.json":
-            out[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    return out
-
-
-def check_intact(folder: Path) -> str | None:
-    """None when every file meta.json lists is there with its size and sha256; else what is wrong.
-    (Checkpoints of earlier versions list no files: they are taken as they are.)"""
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError) as err:
-        return f"meta.json unreadable ({err})"
-    for name, want in (meta.get("files") or {}).items():
-        p = folder / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != want["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
-        if sha256_file(p) != want["sha256"]:
-            return f"{name} does not match the sha256 recorded when it was written"
-    return None
-
-
-def move_aside(run_dir: Path) -> Path:
-    """Rename a run folder to RUN.replaced-<UTC time> (nothing deleted); returns the new name."""
-    import datetime
-
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
-    os.replace(run_dir, aside)
-    return aside
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def latest_step_dir(run_dir: str | Path) -> Path | None:
-    """The newest complete step folder of a run folder (``RUN/checkpoints/<latest>``), None when it has none."""
-    root = Path(run_dir) / "checkpoints"
-    tag = read_latest(root) if root.is_dir() else None
-    return root / tag if tag else None
 
 
 class CheckpointManager:
@@ -174,7 +104,7 @@ class CheckpointManager:
             D.barrier()  # every rank's DeepSpeed files are on disk before meta.json marks the folder complete
             if D.is_main():
                 meta = {**self.meta, "step": state.step, "epoch": epoch, "world_size": _world_size(),
-                        "stateful": sorted(stateful), "train_state": asdict(state), "files": _folder_files(folder)}
+                        "stateful": sorted(stateful), "train_state": asdict(state), "files": folder_files(folder)}
                 atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
                 atomic_write_text(self.root / "latest", tag)
                 self._prune(keep=tag)
@@ -196,7 +126,7 @@ class CheckpointManager:
         previous = [self.root / t for t in self.complete_steps()]
         if not previous:
             return None
-        need = int(_folder_bytes(previous[-1]) * 1.1)
+        need = int(folder_bytes(previous[-1]) * 1.1)
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return None
@@ -218,7 +148,7 @@ class CheckpointManager:
         """Step folders with a meta.json, oldest first."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if _TAG.match(p.name) and (p / "meta.json").is_file())
+        return sorted(p.name for p in self.root.iterdir() if STEP_FOLDER.match(p.name) and (p / "meta.json").is_file())
 
     def latest(self) -> str | None:
         """What ``latest`` names (None when it is missing or broken)."""
@@ -293,7 +223,7 @@ class CheckpointManager:
         tag = self.resume_point()
         if D.is_main():  # folders without meta.json are the remains of a save that never finished
             for p in (self.root.iterdir() if self.root.is_dir() else ()):
-                if _TAG.match(p.name) and not (p / "meta.json").is_file():
+                if STEP_FOLDER.match(p.name) and not (p / "meta.json").is_file():
                     log.warning("removing incomplete checkpoint %s (an interrupted save)", p)
                     shutil.rmtree(p, ignore_errors=True)
         D.barrier()

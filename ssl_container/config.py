@@ -8,9 +8,11 @@ saved beside every run (``config.yaml``) and its digest goes into checkpoints an
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -20,6 +22,8 @@ import yaml
 from ssl_container.files import atomic_write_text
 
 __all__ = [
+    "train_argument_parser",
+    "print_resolved",
     "ConfigError",
     "TrainConfig",
     "ModelConfig",
@@ -438,3 +442,28 @@ def config_digest(cfg: TrainConfig) -> str:
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically (a reader never sees half a file)."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def train_argument_parser() -> argparse.ArgumentParser:
+    """The trainer's command line (``ssl-container train`` / ``python -m ssl_container.train``): a
+    recipe, key=value overrides, ``--print-config``. It lives with the schema it resolves so that
+    ``--help`` and ``--print-config`` answer without importing the trainer (torch, DeepSpeed)."""
+    parser = argparse.ArgumentParser(
+        prog="ssl-container train",
+        description="DINO pretraining. Defaults are DINO's recipe with Container-Light; a YAML recipe and "
+                    "key=value overrides change them (unknown keys fail before any work).")
+    parser.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=32")
+    return parser
+
+
+def print_resolved(path: str | Path | None, overrides: Sequence[str], prog: str = "ssl-container train") -> int:
+    """``--print-config``: the resolved config as YAML (exit status 0), or the problem (status 2)."""
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return 0

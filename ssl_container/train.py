@@ -12,7 +12,6 @@ WebDataset loader per epoch, metrics and collapse warnings per step, a checkpoin
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -23,11 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.config import ConfigError, TrainConfig, config_to_dict, load_config
+from ssl_container.config import ConfigError, TrainConfig, load_config, print_resolved, train_argument_parser
 from ssl_container.data.stream import make_train_loader
 from ssl_container.dino import CollapseMonitor
 from ssl_container.engine import select_device
@@ -188,29 +186,17 @@ def _close(loader) -> None:
         close()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        prog="ssl-container train",
-        description="DINO pretraining. Defaults are DINO's recipe with Container-Light; a YAML recipe and "
-                    "key=value overrides change them (unknown keys fail before any work).")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``ssl-container train ...`` and ``python -m ssl_container.train ...`` (also under torchrun / srun)."""
-    parser = build_parser()
-    parser.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=32")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = train_argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.print_config:
+        return print_resolved(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"ssl-container train: {err}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        return 0
     try:
         summary = train(cfg)
     except StoppedBySignal as stop:

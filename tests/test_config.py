@@ -79,7 +79,7 @@ def test_shipped_recipes_load():
 
 
 def test_demo_reads_the_packaged_recipe_file():
-    from ssl_container.cli.demo import DEMO_CONFIG, demo_recipe
+    from ssl_container.cli import DEMO_CONFIG, demo_recipe
 
     # one copy of the recipe: configs/ is the package's configs folder, and the demo reads it
     assert DEMO_CONFIG == (REPO / "ssl_container" / "configs" / "demo.yaml")

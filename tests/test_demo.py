@@ -29,6 +29,11 @@ def _check_report(out, proc, data, n_test):
     for name in ("randomly initialised", "raw pixels", "DINO steps (teacher)"):
         assert name in proc.stdout, name
     assert (out / "export" / "backbone.safetensors").is_file()
+    from PIL import Image
+
+    with Image.open(out / "pictures.png") as im:  # 4 images x (image, 2 PCA, 4 heads) for 2 models
+        assert im.format == "PNG" and im.size[0] > 2 * im.size[1]
+    assert report["pictures"] == str(out / "pictures.png")
     return report
 
 

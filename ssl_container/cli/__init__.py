@@ -7,6 +7,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
+
+# Only the standard library and config (YAML) at the top: `--help`, `--print-config` and `--dry-run`
+# must answer at once, and torch + timm take ~5 s to import. Each handler imports what its job needs.
+
+# The demo's recipe is configs/demo.yaml, shipped inside the package (ssl_container/configs): the
+# small-budget recipe (configs/small_budget.yaml, see there why each choice) for a fixed number of steps.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def demo_recipe() -> dict[str, Any]:
+    """configs/demo.yaml as a mapping (its data.urls are replaced by the data the demo finds)."""
+    import yaml
+
+    return yaml.safe_load(DEMO_CONFIG.read_text())
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="dataset folder with dataset.json (default: ../shared/data/imagenette; "
+                        "'fashion-mnist': Debian's Fashion-MNIST, what a machine without ../shared gets)")
+    parser.add_argument("--out", default="runs/demo", help="output folder (pretraining run, export, report)")
+    parser.add_argument("--steps", type=int, default=None, help=f"DINO steps (default {demo_recipe()['max_steps']})")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (also the random-init floor's)")
+    parser.add_argument("--eval-subset", action="store_true",
+                        help="k-NN on 3 reference shards and 1 held-out shard only (default: every image of both "
+                             "splits, about 50 s on 2 cores)")
+    parser.add_argument("--eval-all", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old commands
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -23,7 +51,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    # The trainer parses its own arguments (also `python -m ssl_container.train` under torchrun).
+    # The trainer's arguments are the config's (also `python -m ssl_container.train` under torchrun);
+    # --help and --print-config are answered here, before the trainer and torch are imported.
+    from ssl_container.config import print_resolved, train_argument_parser
+
+    parsed = train_argument_parser().parse_args(args.train_args)
+    if parsed.print_config:
+        return print_resolved(parsed.config, parsed.overrides)
     from ssl_container.train import main as train_main
 
     return train_main(args.train_args)
@@ -49,6 +83,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"backbone.safetensors sha256 {meta['weights']['sha256']}"
           + (", dino_head.safetensors" if meta.get("dino_head") else "")
           + (", model.onnx (dynamic batch, height, width)" if meta.get("onnx") else ""))
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from ssl_container.visualize import draw, describe, load_backbone_or_model, load_images
+
+    try:
+        model = load_backbone_or_model(args.weights, which=args.which, model_name=args.model, seed=args.seed)
+        images, files = load_images(args.images, size=args.size, limit=args.max_images)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ssl-container visualize: {err}", file=sys.stderr)
+        return 2
+    pictures = describe(model, images)
+    out = Path(args.out)
+    written = [draw([pictures.select([i])], out / f"{i:02d}_{f.stem}.png") for i, f in enumerate(files)]
+    grid = draw([pictures], out / "grid.png")
+    heads = "no attention (the model does not attend)" if pictures.attention is None else \
+        f"attention of {pictures.attention.shape[1]} heads"
+    print(f"visualize: {len(files)} images at {args.size} px, PCA of {', '.join(pictures.pca)} and {heads}: "
+          f"{len(written)} PNGs and {grid} in {out}")
     return 0
 
 
@@ -121,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="pretrain -> k-NN -> export on the embedded default, minutes on CPU")
-    from ssl_container.cli.demo import add_arguments as add_demo_arguments
-
+    p = sub.add_parser("demo", help="pretrain -> k-NN -> export on the embedded default, minutes on CPU",
+                       description="DINO pretraining of container_light_narrow on Imagenette (or Fashion-MNIST where "
+                       "../shared is absent) with configs/demo.yaml, then the teacher's k-NN top-1 next to random "
+                       "init and raw pixels under the same protocol, then the export. About 8 minutes on 2 cores.")
     add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -144,6 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch, height, width; "
                    "needs the onnx package: pip install -e .[onnx])")
     p.set_defaults(func=_cmd_export)
+
+    # --- visualize (PCA of feature maps, attention) ------------------------------------------
+    p = sub.add_parser("visualize", help="PNG pictures of what a backbone learned: PCA of its feature maps, its attention",
+                       description="For each image: the PCA of the stage-3 and stage-4 feature maps as RGB (one PCA "
+                       "fitted jointly on all images, background thresholded on the first component, DINOv2-style) "
+                       "and the last stage's attention per head from the pooled query (a ViT: the class token's). "
+                       "WEIGHTS: an export, a run folder, a checkpoint, or a model name (random initialisation).")
+    p.add_argument("weights", metavar="WEIGHTS")
+    p.add_argument("--images", nargs="+", required=True, help="image files and/or folders of images")
+    p.add_argument("--out", default="pictures", help="output folder: one PNG per image and grid.png (default: pictures)")
+    p.add_argument("--size", type=int, default=224, help="resize the short side and centre-crop to this (default 224)")
+    p.add_argument("--max-images", type=int, default=8, help="at most this many images (default 8)")
+    p.add_argument("--which", choices=("teacher", "student"), default=None, help="which DINO network (default: teacher)")
+    p.add_argument("--model", default=None, help="architecture when the weights do not record it")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed when WEIGHTS is a model name")
+    p.set_defaults(func=_cmd_visualize)
 
     # --- shards (data pipeline) ---------------------------------------------------------------
     p = sub.add_parser("shards", help="write / verify WebDataset shards with a dataset.json")

@@ -25,27 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from PIL import Image
 
+from eval.features import make_loader, resolve_data
 from eval.protocol import KNN_K, floors, knn_eval, load_split
+from ssl_container.cli import add_demo_arguments, demo_recipe
 from ssl_container.config import load_config
+from ssl_container.data.augment import EvalTransformConfig
 from ssl_container.data.shards import write_shards
 from ssl_container.export import export, load_backbone
 from ssl_container.models import create_model
 from ssl_container.train import train
-
-# The demo's recipe is configs/demo.yaml, shipped inside the package (ssl_container/configs): the
-# small-budget recipe (configs/small_budget.yaml, see there why each choice) for a fixed number of steps.
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-
-
-def demo_recipe() -> dict[str, Any]:
-    """configs/demo.yaml as a mapping (its data.urls are replaced by the data the demo finds)."""
-    return yaml.safe_load(DEMO_CONFIG.read_text())
-
+from ssl_container.visualize import visualize
 
 IMAGE_SIZE = 64  # evaluation resolution, the global-crop size of the recipe
+PICTURE_SIZE, PICTURE_IMAGES = 128, 4
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -117,6 +111,15 @@ def _fashion_mnist_shards(out: Path, train_count: int = 6000, test_count: int = 
     return {"name": "fashion_mnist", "folder": out, "train": "train", "held_out": "test"}
 
 
+def draw_pictures(found: dict[str, Any], teacher: torch.nn.Module, random_backbone: torch.nn.Module, path: Path) -> Path:
+    """The first held-out images at twice the training resolution (so stage 4 has 4 x 4 positions),
+    drawn for the pretrained and the random backbone side by side."""
+    source = resolve_data(str(found["folder"]), found["held_out"])
+    transform = EvalTransformConfig(resize=PICTURE_SIZE, crop=PICTURE_SIZE)
+    images = next(iter(make_loader(source, transform, batch_size=PICTURE_IMAGES)))[0]
+    return visualize([teacher, random_backbone], images, path, titles=["DINO teacher", "random init"])
+
+
 def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None = None,
              max_train_shards: int | None = None, max_val_shards: int | None = None, seed: int = 0) -> int:
     t_start = time.perf_counter()
@@ -152,6 +155,10 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     teacher = load_backbone(pretrain_dir, "teacher")
     rows = {**floors(reference, held_out, [random_backbone]), "dino_teacher": knn_eval(teacher, reference, held_out)}
 
+    pictures = draw_pictures(found, teacher, random_backbone, out_dir / "pictures.png")
+    print(f"[demo] pictures: PCA of the feature maps and the stage-4 attention of {PICTURE_IMAGES} held-out images, "
+          f"pretrained beside random init: {pictures}", flush=True)
+
     print("[demo] 3/3 export of the teacher backbone", flush=True)
     export_dir = export(pretrain_dir, out_dir / "export", "teacher", overwrite=True,
                         eval_results={"knn_top1_k20": rows["dino_teacher"]["top1"], "knn_data": found["name"],
@@ -163,7 +170,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
         "knn_k20_top1": {k: r["top1"] for k, r in rows.items()},
         "knn_k20_top5": {k: r["top5"] for k, r in rows.items()},
         "knn_train_images": len(reference), "knn_test_images": len(held_out), "knn_resolution": IMAGE_SIZE,
-        "export": str(export_dir), "curves": summary.get("curves"),
+        "export": str(export_dir), "curves": summary.get("curves"), "pictures": str(pictures),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     (out_dir / "demo.json").write_text(json.dumps(report, indent=1))
@@ -185,21 +192,9 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssl-container demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_demo_arguments(parser)
     args = parser.parse_args(argv)
     return run_from_args(args)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="dataset folder with dataset.json (default: ../shared/data/imagenette; "
-                        "'fashion-mnist': Debian's Fashion-MNIST, what a machine without ../shared gets)")
-    parser.add_argument("--out", default="runs/demo", help="output folder (pretraining run, export, report)")
-    parser.add_argument("--steps", type=int, default=None, help=f"DINO steps (default {demo_recipe()['max_steps']})")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (also the random-init floor's)")
-    parser.add_argument("--eval-subset", action="store_true",
-                        help="k-NN on 3 reference shards and 1 held-out shard only (default: every image of both "
-                             "splits, about 50 s on 2 cores)")
-    parser.add_argument("--eval-all", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old commands
 
 
 def run_from_args(args: argparse.Namespace) -> int:

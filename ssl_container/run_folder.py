@@ -1,0 +1,89 @@
+"""The run folder's checkpoint layout, without torch: which step folders are complete, which is the
+newest, whether one is intact. ``checkpoint.py`` writes and reads the weights; this module only
+looks at names, meta.json and digests, so that the launcher (``--dry-run``) and the command line
+can inspect a run folder without the ~3 s of importing torch.
+
+    RUN/checkpoints/latest          the name of the newest complete step folder
+    RUN/checkpoints/step_XXXXXXXX/  complete exactly when its meta.json exists (written last)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ssl_container.files import sha256_file
+
+__all__ = ["STEP_FOLDER", "CheckpointError", "check_intact", "folder_bytes", "folder_files", "latest_step_dir", "move_aside", "read_latest"]
+
+STEP_FOLDER = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with what to do about it."""
+
+
+def read_latest(ckpt_root: Path) -> str | None:
+    """The step folder ``latest`` names, if it names a complete one (``None`` when there is no
+    ``latest``); a ``latest`` that is unreadable or names no complete folder raises CheckpointError."""
+    latest = ckpt_root / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_bytes().decode("utf-8", errors="replace").strip()
+    if not STEP_FOLDER.match(tag) or not (ckpt_root / tag / "meta.json").is_file():
+        raise CheckpointError(
+            f"{latest} names {tag[:40]!r}, which is not a complete checkpoint folder. Point it at an existing "
+            f"step_XXXXXXXX folder under {ckpt_root} (one with meta.json) to resume from it, or start a new "
+            "run_dir; nothing has been changed."
+        )
+    return tag
+
+
+def folder_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under ``folder`` except meta.json, by relative path."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "meta.json":
+            out[str(p.relative_to(folder))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    return out
+
+
+def check_intact(folder: Path) -> str | None:
+    """None when every file meta.json lists is there with its size and sha256; else what is wrong.
+    (Checkpoints of earlier versions list no files: they are taken as they are.)"""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"meta.json unreadable ({err})"
+    for name, want in (meta.get("files") or {}).items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
+        if sha256_file(p) != want["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written"
+    return None
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename a run folder to RUN.replaced-<UTC time> (nothing deleted); returns the new name."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    os.replace(run_dir, aside)
+    return aside
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def latest_step_dir(run_dir: str | Path) -> Path | None:
+    """The newest complete step folder of a run folder (``RUN/checkpoints/<latest>``), None when it has none."""
+    root = Path(run_dir) / "checkpoints"
+    tag = read_latest(root) if root.is_dir() else None
+    return root / tag if tag else None

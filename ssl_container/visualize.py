@@ -1,0 +1,301 @@
+"""Pictures of what a backbone learned: PCA of its feature maps as colour, and its attention.
+
+Two views that DINO made the standard way to look at self-supervised features:
+
+* **PCA of patch features** (DINOv2's figures). The first principal component of all patches of all
+  images given separates foreground from background; the background side is thresholded away and
+  the first three components of a second PCA, fitted on the foreground patches only, become RGB.
+  Patches that share a colour have similar features, across images too, because one PCA is fitted
+  jointly on every image of the grid.
+* **Attention of the last stage** (DINO's figures). Container-Light attends only in stage 4; there
+  is no class token, so the query is the *pooled* query (the mean of the queries over positions, as
+  the global average pool is the image's representation) and each head's row
+  ``softmax(q̄ K^T / sqrt(d))`` is drawn over the image. For a timm ViT the class token's query is
+  used, as in DINO.
+
+The models are plain modules: both views read them through a forward hook, nothing is patched.
+
+    ssl-container visualize runs/demo/export --images photo.jpg folder/ --out pictures/
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_container.data.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, eval_transform
+from ssl_container.models.affinity import ContextAggregation, MixedAffinity
+
+__all__ = ["Pictures", "load_backbone_or_model", "pca_basis", "pca_rgb", "feature_maps", "attention_maps", "describe", "draw",
+           "load_images", "visualize"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Pictures:
+    """What one call computed, all as float32 arrays: ``images`` (B, H, W, 3) in [0, 1]; per stage
+    name a PCA picture (B, h, w, 3) in [0, 1] (background black) and its foreground mask (B, h, w);
+    ``attention`` (B, heads, H, W), each head's map over the image (rows summed to one before
+    upsampling), or None when the model has no attention."""
+
+    images: np.ndarray
+    pca: dict[str, np.ndarray]
+    foreground: dict[str, np.ndarray]
+    attention: np.ndarray | None
+
+    def select(self, rows: Sequence[int] | slice) -> "Pictures":
+        """The same pictures for some of the images only (the PCA stays the joint one)."""
+        return Pictures(self.images[rows], {k: v[rows] for k, v in self.pca.items()},
+                        {k: v[rows] for k, v in self.foreground.items()},
+                        None if self.attention is None else self.attention[rows])
+
+
+# ------------------------------------------------------------------------------------------------
+# PCA
+
+
+def pca_basis(x: torch.Tensor, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (D,), components (n, D)) of the rows of ``x`` (N, D): orthonormal rows, by decreasing
+    variance, each signed so that its largest-magnitude coefficient is positive (a fixed choice:
+    SVD's sign is arbitrary). Components beyond the rank of ``x`` are zero."""
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"PCA needs at least 2 rows of features, got shape {tuple(x.shape)}")
+    x = x.double()
+    mean = x.mean(0)
+    _, sv, vh = torch.linalg.svd(x - mean, full_matrices=False)
+    comps = vh[:n] * (sv[:n] > sv.max() * 1e-6).unsqueeze(1)  # directions of no variance are not components
+    if comps.shape[0] < n:  # fewer rows or dimensions than components: the rest are zero
+        comps = torch.cat([comps, comps.new_zeros(n - comps.shape[0], comps.shape[1])])
+    idx = comps.abs().argmax(1)
+    sign = torch.sign(comps[torch.arange(comps.shape[0]), idx])
+    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign).unsqueeze(1)
+    return mean.float(), comps.float()
+
+
+def _border(h: int, w: int) -> torch.Tensor:
+    m = torch.zeros(h, w, dtype=torch.bool)
+    m[0, :] = m[-1, :] = m[:, 0] = m[:, -1] = True
+    return m
+
+
+def pca_rgb(maps: torch.Tensor, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(B, C, h, w) feature maps -> (RGB (B, h, w, 3) in [0, 1], foreground mask (B, h, w)).
+
+    The first component, min-max scaled to [0, 1], is thresholded at ``threshold``; the side holding
+    most of the image borders is the background (an object is usually framed by the image). A second
+    PCA on the foreground patches gives the colours. With fewer than 4 foreground patches, or
+    maps of 2 x 2 and less (no interior), every patch counts as foreground."""
+    b, c, h, w = maps.shape
+    flat = maps.permute(0, 2, 3, 1).reshape(-1, c).float()
+    mean, comps = pca_basis(flat, 1)
+    first = (flat - mean) @ comps[0]
+    first = (first - first.min()) / (first.max() - first.min()).clamp_min(1e-12)
+    high = (first > threshold).view(b, h, w)
+    if min(h, w) > 2:
+        border = _border(h, w).expand(b, h, w)
+        fg = ~high if high[border].float().mean() > 0.5 else high
+    else:
+        fg = torch.ones(b, h, w, dtype=torch.bool)
+    if fg.sum() < 4:
+        fg = torch.ones(b, h, w, dtype=torch.bool)
+    mask = fg.reshape(-1)
+    mean, comps = pca_basis(flat[mask], 3)
+    proj = (flat - mean) @ comps.T
+    lo, hi = proj[mask].min(0).values, proj[mask].max(0).values
+    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
+    rgb[~mask] = 0.0
+    return rgb.view(b, h, w, 3).numpy(), fg.numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# features and attention
+
+
+def feature_maps(model: nn.Module, images: torch.Tensor, stages: Sequence[int] = (-2, -1)) -> list[torch.Tensor]:
+    """NCHW maps of the given stages (timm's ``forward_intermediates``; ViT tokens come back as maps too)."""
+    if not hasattr(model, "forward_intermediates"):
+        raise ValueError(f"{type(model).__name__} has no forward_intermediates(): no feature maps to draw")
+    with torch.no_grad():
+        out = model.forward_intermediates(images, indices=list(stages), intermediates_only=True)
+    return [t.float() for t in out]
+
+
+def _last_dynamic_aggregation(model: nn.Module) -> ContextAggregation | None:
+    found = None
+    for m in model.modules():
+        if isinstance(m, ContextAggregation) and m.affinity.dynamic:
+            found = m
+    return found
+
+
+def _last_vit_attention(model: nn.Module) -> nn.Module | None:
+    found = None
+    for m in model.modules():
+        if hasattr(m, "qkv") and hasattr(m, "num_heads") and isinstance(getattr(m, "qkv"), nn.Linear):
+            found = m
+    return found
+
+
+def attention_maps(model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+    """(B, heads, h, w) attention of the last attending block, each (b, head) summing to one; None
+    when the model does not attend (a pure conv network)."""
+    agg = _last_dynamic_aggregation(model)
+    vit = None if agg is not None else _last_vit_attention(model)
+    target = agg or vit
+    if target is None:
+        return None
+    seen: list[torch.Tensor] = []
+    handle = target.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+    x = seen[-1]
+    with torch.no_grad():
+        if agg is not None:
+            _, q, k = agg.project(x)
+            attn = agg.affinity.dynamic_affinity if isinstance(agg.affinity, MixedAffinity) else agg.affinity
+            b, c, h, w = q.shape
+            m = attn.num_heads
+            qh = q.reshape(b, m, c // m, h * w).mean(-1, keepdim=True)  # (B, M, d, 1): the pooled query
+            kh = k.reshape(b, m, c // m, h * w)
+            logits = (qh * kh).sum(2) / math.sqrt(c // m)  # (B, M, N)
+            return torch.softmax(logits, dim=-1).view(b, m, h, w)
+        b, n, c = x.shape
+        m = vit.num_heads
+        qkv = vit.qkv(x).reshape(b, n, 3, m, c // m).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        if hasattr(vit, "q_norm"):
+            q, k = vit.q_norm(q), vit.k_norm(k)
+        prefix = getattr(model, "num_prefix_tokens", 1)
+        logits = (q[:, :, :1] @ k[:, :, prefix:].transpose(-1, -2)).squeeze(2) / math.sqrt(c // m)
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        side = int(round(math.sqrt(n - prefix)))
+        gh, gw = grid if grid is not None and grid[0] * grid[1] == n - prefix else (side, side)
+        return torch.softmax(logits, dim=-1).view(b, m, gh, gw)
+
+
+# ------------------------------------------------------------------------------------------------
+# images in, pictures out
+
+
+def _image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such image file or folder (pass image files or folders of images)")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {', '.join(map(str, paths))}")
+    return files
+
+
+def load_images(paths: Iterable[str | os.PathLike], size: int = 224, limit: int | None = 8) -> tuple[torch.Tensor, list[Path]]:
+    """Image files (or folders of them) -> ((B, 3, size, size) normalised, the files), with the
+    evaluation transform (short side resized to ``size``, centre crop)."""
+    files = _image_files(paths)[:limit]
+    cfg = EvalTransformConfig(resize=size, crop=size)
+    return torch.stack([eval_transform(f.read_bytes(), cfg) for f in files]), files
+
+
+def load_backbone_or_model(weights: str | os.PathLike, which: str | None = None, model_name: str | None = None,
+                           seed: int = 0) -> nn.Module:
+    """An existing path: its weights (``ssl_container.export.load_backbone``); otherwise a model name,
+    randomly initialised from ``seed`` (the floor to compare a pretrained picture with)."""
+    from ssl_container.export import load_backbone
+    from ssl_container.models import create_model
+
+    if Path(weights).exists():
+        return load_backbone(weights, which, model_name=model_name, num_classes=0).eval()
+    import timm
+
+    name = str(weights)
+    if not timm.is_model(name):
+        raise FileNotFoundError(f"{name}: neither a file or folder nor a model name (ssl-container models lists "
+                                "the Container family; any timm model name works too)")
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=0).eval()
+
+
+def describe(model: nn.Module, images: torch.Tensor, stages: Sequence[int] = (-2, -1),
+             names: Sequence[str] | None = None, threshold: float = 0.5) -> Pictures:
+    """PCA pictures of ``stages`` and the attention maps for normalised ``images`` (B, 3, H, W)."""
+    was_training = model.training
+    model.eval()
+    try:
+        maps = feature_maps(model, images, stages)
+        attn = attention_maps(model, images)
+    finally:
+        model.train(was_training)
+    if names is None:  # Container counts stages, a ViT blocks; other models their feature levels
+        parts = getattr(model, "stages", None) if hasattr(model, "stages") else getattr(model, "blocks", None)
+        kind = "stage" if hasattr(model, "stages") else "block"
+        names = [f"{kind} {s % len(parts) + 1}" if parts is not None else f"level {s}" for s in stages]
+    pca, fg = {}, {}
+    for name, m in zip(names, maps):
+        pca[name], fg[name] = pca_rgb(m, threshold)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    shown = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    if attn is not None:
+        attn = F.interpolate(attn, size=images.shape[-2:], mode="nearest").numpy()
+    return Pictures(shown, pca, fg, attn)
+
+
+def draw(pictures: Sequence[Pictures], path: str | os.PathLike, titles: Sequence[str] = (), max_heads: int = 8) -> Path:
+    """One PNG: a row per image (and per model, side by side when several are given): the image,
+    each PCA picture, then each head's attention over the image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ssl_container.files import atomic_path
+
+    n_img = pictures[0].images.shape[0]
+    cols_per = [1 + len(p.pca) + (min(p.attention.shape[1], max_heads) if p.attention is not None else 0) for p in pictures]
+    ncols = sum(cols_per)
+    fig, axes = plt.subplots(n_img, ncols, figsize=(1.6 * ncols, 1.6 * n_img + 0.4), squeeze=False)
+    for i in range(n_img):
+        col = 0
+        for j, p in enumerate(pictures):
+            label = titles[j] if j < len(titles) else ""
+            panels = [("image" + (f"\n{label}" if label else ""), p.images[i], None)]
+            panels += [(f"PCA {name}", rgb[i], None) for name, rgb in p.pca.items()]
+            if p.attention is not None:
+                panels += [(f"head {h + 1}", p.images[i], p.attention[i, h]) for h in range(min(p.attention.shape[1], max_heads))]
+            for title, img, overlay in panels:
+                ax = axes[i, col]
+                ax.imshow(img, interpolation="nearest")
+                if overlay is not None:
+                    ax.imshow(overlay, cmap="inferno", alpha=0.6, interpolation="nearest")
+                if i == 0:
+                    ax.set_title(title, fontsize=7)
+                ax.axis("off")
+                col += 1
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def visualize(model: nn.Module | Sequence[nn.Module], images: torch.Tensor, out: str | os.PathLike,
+              titles: Sequence[str] = (), stages: Sequence[int] = (-2, -1)) -> Path:
+    """Draw :func:`describe` of one model (or several side by side) for ``images`` into ``out`` (PNG)."""
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    return draw([describe(m, images, stages) for m in models], out, titles)

@@ -1,0 +1,145 @@
+"""Pictures of what a backbone learned: the PCA and attention maths on hand-made inputs, the CLI."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import ssl_container  # noqa: F401  (registers the models with timm)
+from ssl_container.models import create_model
+from ssl_container.visualize import attention_maps, describe, pca_basis, pca_rgb, visualize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pca_basis_on_points_of_a_line_and_random_data():
+    t = torch.linspace(-1, 1, 11)
+    mean, comps = pca_basis(torch.stack([1 + t, 2 + 2 * t], 1), n=1)
+    assert torch.allclose(mean, torch.tensor([1.0, 2.0]), atol=1e-6)
+    assert torch.allclose(comps[0], torch.tensor([1.0, 2.0]) / math.sqrt(5), atol=1e-6)  # the line's direction
+
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(3, 0.1, 16)
+    _, comps = pca_basis(x, n=3)
+    assert torch.allclose(comps @ comps.T, torch.eye(3), atol=1e-5)  # orthonormal
+    cov = np.cov(x.numpy().T)
+    w, v = np.linalg.eigh(cov)
+    top = v[:, ::-1][:, :3].T  # the covariance's eigenvectors by decreasing eigenvalue
+    assert np.allclose(np.abs((comps.numpy() * top).sum(1)), 1.0, atol=1e-4)
+    # rank-deficient input: the components beyond the rank are zero, not NaN
+    _, comps = pca_basis(torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), n=3)
+    assert torch.isfinite(comps).all() and torch.allclose(comps[1:], torch.zeros(2, 3))
+
+
+def test_pca_rgb_finds_an_object_framed_by_background():
+    # 8 x 8 maps whose centre 4 x 4 holds a different feature: the centre is the foreground.
+    g = torch.Generator().manual_seed(0)
+    maps = 0.01 * torch.randn(2, 6, 8, 8, generator=g)
+    maps[:, 0, 2:6, 2:6] += 1.0
+    maps[:, 1, 2:4, 2:6] += 0.5  # two parts of the object, so that the colours differ
+    rgb, fg = pca_rgb(maps)
+    want = np.zeros((8, 8), bool)
+    want[2:6, 2:6] = True
+    assert rgb.shape == (2, 8, 8, 3) and fg.shape == (2, 8, 8)
+    assert (fg == want).all()
+    assert rgb.min() >= 0 and rgb.max() <= 1 and (rgb[~fg] == 0).all()
+    assert np.abs(rgb[0, 2, 2] - rgb[0, 5, 5]).max() > 0.5  # the two parts get different colours
+    # flipping the feature's sign flips the first component: the border rule still picks the centre
+    assert (pca_rgb(-maps)[1] == want).all()
+
+
+def test_container_attention_is_a_distribution_per_head_from_the_pooled_query():
+    torch.manual_seed(0)
+    model = create_model("container_light_narrow", num_classes=0).eval()
+    x = torch.randn(2, 3, 128, 128)
+    attn = attention_maps(model, x)
+    last = model.stages[-1].blocks[-1]
+    heads = last.aggregation.affinity.num_heads
+    assert attn.shape == (2, heads, 4, 4)
+    assert torch.allclose(attn.sum((2, 3)), torch.ones(2, heads), atol=1e-5)
+    # the same by hand: the last block's input, its Q and K, the mean query per head
+    with torch.no_grad():
+        h = x
+        for stage in model.stages[:-1]:
+            h = stage(h)
+        h = model.stages[-1].patch_embed(h)
+        for block in model.stages[-1].blocks[:-1]:
+            h = block(h)
+        h = h + last.pos_embed(h)
+        v, q, k = last.aggregation.project(last.norm1(h))
+        d = q.shape[1] // heads
+        qh, kh = q.reshape(2, heads, d, 16), k.reshape(2, heads, d, 16)
+        want = torch.softmax(torch.einsum("bmd,bmdn->bmn", qh.mean(-1), kh) / math.sqrt(d), -1).view(2, heads, 4, 4)
+    assert torch.allclose(attn, want, atol=1e-5)
+    assert attn.std() > 0  # not uniform: the queries and keys of a random network differ
+
+
+def test_vit_attention_uses_the_class_token_and_conv_nets_have_none():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0).eval()
+    attn = attention_maps(vit, torch.randn(1, 3, 224, 224))
+    assert attn.shape == (1, 3, 14, 14) and torch.allclose(attn.sum((2, 3)), torch.ones(1, 3), atol=1e-5)
+    resnet = timm.create_model("resnet18", num_classes=0).eval()
+    assert attention_maps(resnet, torch.randn(1, 3, 64, 64)) is None
+    pics = describe(resnet, torch.randn(2, 3, 64, 64))
+    assert pics.attention is None and set(pics.pca) == {"level -2", "level -1"}
+    assert set(describe(vit, torch.randn(2, 3, 224, 224)).pca) == {"block 11", "block 12"}
+
+
+def test_describe_and_draw_two_models_side_by_side(tmp_path):
+    torch.manual_seed(0)
+    a, b = create_model("container_light_narrow", num_classes=0), create_model("container_light_narrow", num_classes=0)
+    x = torch.randn(3, 3, 128, 128)
+    pics = describe(a, x)
+    assert pics.images.shape == (3, 128, 128, 3) and 0 <= pics.images.min() and pics.images.max() <= 1
+    assert pics.pca["stage 3"].shape == (3, 8, 8, 3) and pics.pca["stage 4"].shape == (3, 4, 4, 3)
+    assert pics.attention.shape == (3, 4, 128, 128)
+    assert a.training  # describe leaves the mode as it found it
+    path = visualize([a, b], x, tmp_path / "pair.png", titles=["a", "b"])
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]
+
+
+def test_visualize_command_on_a_model_name_and_an_image_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "ssl_container", "visualize", "container_light_narrow",
+                           "--images", str(tmp_path), "--out", str(tmp_path / "pics"), "--size", "64"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(p.name for p in (tmp_path / "pics").iterdir())
+    assert names == ["00_img0.png", "01_img1.png", "02_img2.png", "grid.png"]
+    assert "3 images at 64 px" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "ssl_container", "visualize", "no_such_model_or_path",
+                          "--images", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "neither a file or folder nor a model name" in bad.stderr
+
+
+def test_command_line_help_and_print_config_do_not_import_torch():
+    # --help, --print-config and --dry-run must answer at once: torch + timm take ~5 s to import.
+    code = """
+import sys, contextlib, io
+from ssl_container.cli import main
+for argv in (["--help"], ["train", "--help"], ["demo", "--help"], ["export", "--help"], ["visualize", "--help"],
+             ["launch", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+        except SystemExit as e:
+            assert e.code == 0, (argv, e.code)
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert main(["train", "--config", "configs/demo.yaml", "--print-config", "optim.lr=0.01"]) == 0
+assert "lr: 0.01" in out.getvalue()
+heavy = sorted(m for m in ("torch", "timm", "deepspeed", "numpy") if m in sys.modules)
+print("heavy:", heavy)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("heavy: []"), proc.stdout
