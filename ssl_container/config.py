@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from ssl_container.files import atomic_write_text
+from ssl_container.trackers import BACKENDS
 
 __all__ = [
     "train_argument_parser",
@@ -143,7 +144,12 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = 10  # metrics.jsonl is written every step; this paces console lines
-    tensorboard: bool = True
+    tensorboard: bool = True  # the same as listing tensorboard in backends
+    backends: list[str] = field(default_factory=list)  # more trackers: tensorboard | mlflow | wandb (trackers.py)
+    experiment: str = "ssl_container"  # MLflow experiment / W&B project
+    run_name: Optional[str] = None  # default: the run folder's name
+    mlflow_uri: Optional[str] = None  # default: sqlite:///RUN/mlflow.db, artifacts in RUN/mlflow-artifacts
+    wandb_mode: Optional[str] = None  # online | offline | disabled (default: W&B's own settings, e.g. WANDB_MODE)
     progress: str = "auto"  # auto | bar | lines | off
 
 
@@ -230,6 +236,12 @@ def _validate(cfg: TrainConfig) -> None:
         if value not in _CHOICES[key]:
             choices = ", ".join(map(str, _CHOICES[key]))
             raise ConfigError(f"config key '{key}' is {value!r}; allowed values: {choices}")
+    for backend in cfg.logging.backends:
+        if backend not in BACKENDS:
+            raise ConfigError(f"config key 'logging.backends' names {backend!r}; allowed values: {', '.join(BACKENDS)}")
+    if cfg.logging.wandb_mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"config key 'logging.wandb_mode' is {cfg.logging.wandb_mode!r}; allowed values: "
+                          "online, offline, disabled (or leave it unset for W&B's own settings)")
     positive = {
         "epochs": cfg.epochs,
         "data.batch_size": cfg.data.batch_size,

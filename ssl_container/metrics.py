@@ -1,5 +1,5 @@
-"""Run logging: ``metrics.jsonl`` every step, TensorBoard when installed, a progress bar or plain
-lines on rank 0, and PNG curves at the end.
+"""Run logging: ``metrics.jsonl`` every step, the trackers (TensorBoard, MLflow, W&B: trackers.py), a
+progress bar or plain lines with elapsed time and ETA on rank 0, and PNG curves at the end.
 
 ``metrics.jsonl`` is append-only: a resumed run appends a ``{"event": "resume"}`` line and then
 re-logs the steps after its checkpoint, so readers take the last record of each step
@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from ssl_container.trackers import Trackers
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_run"]
 
@@ -34,28 +36,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLogger:
+    """metrics.jsonl (every step), the trackers (trackers.py), and a progress bar or plain lines with
+    elapsed time and ETA on rank 0; on other ranks every call is a no-op."""
+
     def __init__(self, run_dir: str | Path, enabled: bool, total_steps: int, start_step: int, every: int,
-                 tensorboard: bool = True, progress: str = "auto") -> None:
+                 trackers: Trackers | None = None, progress: str = "auto") -> None:
         self.enabled = enabled
         self.every = every
         self.total = total_steps
+        self.start_step = start_step
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.trackers = trackers or Trackers([])
         self._file = None
-        self._tb = None
         self._bar = None
+        self._t0 = time.perf_counter()
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
         if start_step > 0:
             self.event("resume", step=start_step)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step or None)
-            except Exception:  # tensorboard is optional
-                self._tb = None
         mode = progress
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
@@ -76,10 +76,8 @@ class MetricsLogger:
         rec = {"step": step, **{k: _clean(v) for k, v in values.items()}}
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None:
-                    self._tb.add_scalar(f"train/{k}", v, step)
+        self.trackers.scalars({f"train/{k}": v for k, v in rec.items()
+                               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}, step)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", lr=f"{rec.get('lr', 0):.2e}")
@@ -90,23 +88,39 @@ class MetricsLogger:
                          "teacher_entropy", "kl", "prototypes_used")
                 and isinstance(v, (int, float))
             ]
-            print(" | ".join(parts), flush=True)
+            print(" | ".join(parts + [self._timing(step)]), flush=True)
+
+    def _timing(self, step: int) -> str:
+        """Elapsed wall-clock of this process and the ETA at the pace of its steps so far."""
+        elapsed = time.perf_counter() - self._t0
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        return f"elapsed {_hms(elapsed)} | eta {_hms(eta)}"
 
     def scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
         """Evaluation results (online k-NN) into the same log and TensorBoard."""
         self.event(prefix, step=step, **values)
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        self.trackers.scalars({f"{prefix}/{k}": v for k, v in values.items()}, step)
 
-    def close(self) -> None:
+    def close(self, artifacts: Iterable[str | Path | None] = (), ok: bool = True) -> None:
+        """Close the log; ``artifacts`` (the curves PNG, summary.json) go to the trackers first."""
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+            self._bar = None
+        for path in artifacts:
+            self.trackers.artifact(path)
+        self.trackers.close(ok)
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _clean(v: Any) -> Any:

@@ -25,13 +25,16 @@ import torch
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.config import ConfigError, TrainConfig, load_config, print_resolved, train_argument_parser
+from ssl_container.config import (ConfigError, TrainConfig, config_to_dict, flatten_config, load_config, print_resolved,
+                                  train_argument_parser)
 from ssl_container.data.stream import make_train_loader
 from ssl_container.dino import CollapseMonitor
 from ssl_container.engine import select_device
 from ssl_container.knn import OnlineKNN
 from ssl_container.metrics import MetricsLogger, plot_run
 from ssl_container.run import Run, build_run, build_student, data_config, dino_step
+from ssl_container.files import atomic_write_json
+from ssl_container.trackers import Trackers, open_trackers
 
 log = logging.getLogger("ssl_container.train")
 
@@ -95,7 +98,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(run: Run) -> dict[str, Any]:
     cfg, env, state = run.cfg, run.env, run.state
     metrics = MetricsLogger(run.run_dir, env.is_main, run.total_steps, state.step, cfg.logging.every_steps,
-                            cfg.logging.tensorboard, cfg.logging.progress)
+                            _trackers(cfg, state.step) if env.is_main else None, cfg.logging.progress)
     if env.is_main:
         log.info("DINO %s: %d steps (%d per epoch, %d epochs), %d rank(s), batch %d/rank, %s, ZeRO-%d, from step %d",
                  cfg.model.name, run.total_steps, run.iters_per_epoch, cfg.epochs, env.world_size, cfg.data.batch_size,
@@ -153,7 +156,8 @@ def _train(run: Run) -> dict[str, Any]:
             if not failed:
                 raise
             log.warning("the data loader did not shut down cleanly while the run was stopping", exc_info=True)
-        metrics.close()
+        if failed:  # trackers record a stopped run as killed; a resume continues it
+            metrics.close(ok=False)
     digests = _rank_digests(run.engine.module)
     curves = plot_run(run.run_dir) if env.is_main else None
     summary = {"run_dir": str(run.run_dir), "steps": state.step, "skipped_steps": state.skipped_steps,
@@ -161,10 +165,21 @@ def _train(run: Run) -> dict[str, Any]:
                "curves": str(curves) if curves else None,
                "ranks_in_sync": len(set(digests)) == 1, "student_sha256_per_rank": digests}
     if env.is_main:
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_json(run.run_dir / "summary.json", summary)
         if not summary["ranks_in_sync"]:
             log.error("student weights differ across ranks at the end of training: %s", digests)
+    metrics.close(artifacts=[curves, run.run_dir / "summary.json"])
     return summary
+
+
+def _trackers(cfg: TrainConfig, start_step: int) -> Trackers:
+    """The run's trackers, with the resolved config as their parameters (rank 0 only)."""
+    lc = cfg.logging
+    backends = (["tensorboard"] if lc.tensorboard else []) + list(lc.backends)
+    trackers = open_trackers(backends, cfg.run_dir, start_step, experiment=lc.experiment, run_name=lc.run_name,
+                             mlflow_uri=lc.mlflow_uri, wandb_mode=lc.wandb_mode)
+    trackers.params(flatten_config(config_to_dict(cfg)))
+    return trackers
 
 
 def _rank_digests(module: nn.Module) -> list[str]:
