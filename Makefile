@@ -8,7 +8,7 @@ EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean system-packages
 
 setup: $(STAMP)
 
@@ -24,8 +24,22 @@ demo: setup
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) || true; fi
 	$(PY) -m ssl_container demo
 
-test: setup
-	$(PY) -m pytest -q
+test: setup system-packages
+	$(PY) -m pytest -q -rs
+
+# What the Slurm tests (a real single-node cluster: slurmctld, slurmd, munge, slurmdbd + MariaDB) and the
+# demo's fallback data need from Debian. Installed when we are root with apt; otherwise the list of what
+# is missing is printed and those tests skip, each with its reason (pytest -rs lists them at the end).
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server dataset-fashion-mnist
+system-packages:
+	@missing=""; for pkg in $(SYSTEM_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages for the Slurm tests and the demo:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+	  echo "not root or no apt-get: missing Debian packages$$missing; the tests that need them will skip (see the summary)"; \
+	fi
 
 bench: setup
 	$(PY) benchmarks/model_flops.py

@@ -106,10 +106,7 @@ def floors(reference: EvalSplit, held_out: EvalSplit, random_models: Sequence[nn
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from ssl_container.export import load_backbone, read_checkpoint
-    from ssl_container.models import create_model
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval.protocol", description="k-NN of a backbone next to its floors")
     p.add_argument("weights", help="an export folder, a run folder or a step folder")
     p.add_argument("--data", required=True, help="dataset folder with dataset.json")
@@ -117,7 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--held-out-split", default="val")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init floor")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ssl_container.export import load_backbone, read_checkpoint
+    from ssl_container.models import create_model
+
+    args = build_parser().parse_args(argv)
     ckpt = read_checkpoint(args.weights)
     model = load_backbone(args.weights)
     torch.manual_seed(args.seed)
