@@ -101,6 +101,8 @@ def test_demo_is_the_small_budget_recipe_without_local_crops():
     # 30 epochs of 1024 images = 960 steps of 32: the schedules end with the demo
     assert (demo.pop("epochs"), small.pop("epochs")) == (30, 15)
     assert (demo["data"]["crops"].pop("n_local"), small["data"]["crops"].pop("n_local")) == (0, 6)
+    assert demo["data"]["crops"].pop("global_scale") == [0.6, 1.0] and "global_scale" not in small["data"]["crops"]
+    assert demo["checkpoint"].pop("keep_last") == 1 and "keep_last" not in small["checkpoint"]
     assert demo == small
     cfg = load_config(REPO / "configs" / "small_budget.yaml")
     assert cfg.model.name == "container_light_narrow" and cfg.dino.sinkhorn_knopp and cfg.dino.koleo_weight == 0.1
