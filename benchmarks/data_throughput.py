@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         for impl in impls:
             if impl in ("ours", "device"):
                 cfg = TrainDataConfig(urls=urls, batch_size=args.batch_size, num_workers=args.workers,
-                                      shuffle_buffer=args.shuffle_buffer, samples_per_epoch=10 ** 9, multicrop=mc,
+                                      shuffle_buffer=args.shuffle_buffer, samples_per_epoch=10 ** 9, crops=mc,
                                       augment_on="cpu" if impl == "ours" else "device",
                                       pin_memory=impl == "device" and args.device.startswith("cuda"))
                 batches = make_train_loader(cfg, rank=0, world_size=1, epoch=0, device=args.device)

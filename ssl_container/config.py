@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from ssl_container.data.config import MultiCropConfig, TrainDataConfig
 from ssl_container.files import atomic_write_text
 from ssl_container.trackers import BACKENDS
 
@@ -93,32 +94,8 @@ class OptimConfig:
     momentum: float = 0.9  # SGD only
 
 
-@dataclass
-class CropConfig:
-    """DINO's multi-crop recipe (dino.md); sizes and scales are free for small images."""
-
-    n_global: int = 2
-    global_size: int = 224
-    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
-    n_local: int = 8
-    local_size: int = 96
-    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
-    # Gaussian-blur sigma in pixels of the output crop (DINO's 0.1-2.0 is for 224 / 96 px crops: scale it
-    # down with the crop size, or a 64 px crop is blurred as a 224 px one would be by sigma 7)
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-
-
-@dataclass
-class DataConfig:
-    urls: list[str] = field(default_factory=list)  # brace patterns, paths, pipe:/http(s) URLs
-    weights: Optional[list[float]] = None  # mixing weights, one per url
-    batch_size: int = 64  # per rank (per GPU)
-    num_workers: int = 8
-    shuffle_buffer: int = 1000
-    samples_per_epoch: Optional[int] = None  # per rank; default: the dataset size / world size
-    max_bad_fraction: float = 0.01
-    augment_on: str = "cpu"  # cpu: crops made in the loader workers | device: decoded on CPU, cropped on the GPU
-    crops: CropConfig = field(default_factory=CropConfig)
+# The data section is the training stream's own config (with the multi-crop recipe as data.crops).
+DataConfig, CropConfig = TrainDataConfig, MultiCropConfig
 
 
 @dataclass
@@ -177,7 +154,7 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -409,18 +386,28 @@ def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: S
         cfg: TrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _explain(err, "config") from None
+    except ValueError as err:  # a component's own validation (__post_init__), which names its key
+        raise ConfigError(f"config: {err}") from None
     _validate(cfg)
     return cfg
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Plain nested dicts and lists (tuples as lists, as YAML and the saved config.yaml hold them)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
 
 
 # Keys whose change reinterprets a saved run: the data position (batch, epoch length, crops), the
 # schedules' lengths, the seed of every random draw. Resuming with another value refuses unless
 # checkpoint.allow_changes names the key.
-STATE_KEYS = ("seed", "epochs", "data.batch_size", "data.samples_per_epoch", "data.urls", "data.weights",
+STATE_KEYS = ("seed", "data.seed", "epochs", "data.batch_size", "data.samples_per_epoch", "data.urls", "data.weights",
               "data.crops.", "engine.grad_accum_steps", "optim.warmup_epochs", "optim.lr", "optim.min_lr",
               "dino.warmup_teacher_temp_epochs", "dino.freeze_last_layer")
 
@@ -439,7 +426,10 @@ def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every key that differs from a run's saved config.yaml."""
     old, new = flatten_config(saved), flatten_config(config_to_dict(cfg))
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    # A key the saved config does not hold is one an older version did not have: it ran with the default.
+    defaults = flatten_config(config_to_dict(TrainConfig()))
+    return [(k, old.get(k, defaults.get(k)), new.get(k)) for k in sorted(set(old) | set(new))
+            if old.get(k, defaults.get(k)) != new.get(k)]
 
 
 def changes_state(key: str) -> bool:

@@ -14,7 +14,7 @@ import logging
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +26,8 @@ from ssl_container import distributed as D
 from ssl_container.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
 from ssl_container.config import TrainConfig, changes_state, config_changes, config_digest, save_config
 from ssl_container.cpu_kernels import use_fast_cpu_kernels
-from ssl_container.data.stream import MultiCropConfig, TrainDataConfig, steps_per_epoch
+from ssl_container.data.config import TrainDataConfig
+from ssl_container.data.stream import steps_per_epoch
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher)
@@ -51,19 +52,10 @@ def build_student(cfg: TrainConfig) -> MultiCropWrapper:
 
 
 def data_config(cfg: TrainConfig) -> TrainDataConfig:
-    """The data pipeline's own config, from the run config's ``data`` section."""
-    d, c = cfg.data, cfg.data.crops
-    if not d.urls:
+    """The data section, which is the stream's config, with the run's seed where it names none."""
+    if not cfg.data.urls:
         raise ValueError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
-    urls: Any = d.urls if (d.weights is not None or len(d.urls) > 1) else d.urls[0]
-    return TrainDataConfig(
-        urls=urls, weights=d.weights, batch_size=d.batch_size, num_workers=d.num_workers,
-        shuffle_buffer=d.shuffle_buffer, samples_per_epoch=d.samples_per_epoch, seed=cfg.seed,
-        max_bad_fraction=d.max_bad_fraction, augment_on=d.augment_on,
-        multicrop=MultiCropConfig(n_global=c.n_global, global_size=c.global_size, global_scale=tuple(c.global_scale),
-                                  n_local=c.n_local, local_size=c.local_size, local_scale=tuple(c.local_scale),
-                                  blur_sigma=tuple(c.blur_sigma)),
-    )
+    return cfg.data if cfg.data.seed is not None else replace(cfg.data, seed=cfg.seed)
 
 
 @dataclass

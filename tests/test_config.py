@@ -16,7 +16,7 @@ def test_defaults_are_dino_recipe():
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
     assert (cfg.dino.teacher_temp, cfg.dino.student_temp, cfg.dino.momentum_teacher) == (0.04, 0.1, 0.996)
     assert (cfg.data.crops.n_global, cfg.data.crops.global_size, cfg.data.crops.n_local, cfg.data.crops.local_size) == (2, 224, 8, 96)
-    assert cfg.data.crops.global_scale == [0.4, 1.0] and cfg.data.crops.local_scale == [0.05, 0.4]
+    assert cfg.data.crops.global_scale == (0.4, 1.0) and cfg.data.crops.local_scale == (0.05, 0.4)
     assert cfg.head.out_dim == 65536 and cfg.engine.zero_stage == 1
 
 

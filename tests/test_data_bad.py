@@ -53,7 +53,7 @@ def _urls(d):
 def test_each_kind_is_skipped_counted_and_named(broken, caplog):
     caplog.set_level(logging.WARNING, logger="ssl_container.data")
     cfg = TrainDataConfig(urls=_urls(broken), batch_size=4, num_workers=0, shuffle_buffer=1, samples_per_epoch=48,
-                          max_bad_fraction=1.0, multicrop=CROPS)
+                          max_bad_fraction=1.0, crops=CROPS)
     loader = make_train_loader(cfg, 0, 1, 0)
     keys = [k for b in loader for k in b["keys"]]
     assert len(keys) == 48 and not {"bad_corrupt", "bad_noimage"} & set(keys)
@@ -70,7 +70,7 @@ def test_each_kind_is_skipped_counted_and_named(broken, caplog):
 
 def test_ceiling_stops_with_a_clear_message(broken):
     cfg = TrainDataConfig(urls=_urls(broken), batch_size=4, num_workers=2, shuffle_buffer=1, samples_per_epoch=64,
-                          max_bad_fraction=0.05, bad_check_min_samples=8, multicrop=CROPS)
+                          max_bad_fraction=0.05, bad_check_min_samples=8, crops=CROPS)
     with pytest.raises(Exception) as info:  # raised in a worker, re-raised by the DataLoader
         list(make_train_loader(cfg, 0, 1, 0))
     msg = str(info.value)
@@ -79,7 +79,7 @@ def test_ceiling_stops_with_a_clear_message(broken):
 
 def test_all_shards_unreadable(tmp_path):
     cfg = TrainDataConfig(urls=[str(tmp_path / "nope-1.tar"), str(tmp_path / "nope-2.tar")], batch_size=2,
-                          num_workers=0, samples_per_epoch=4, max_bad_fraction=1.0, multicrop=CROPS)
+                          num_workers=0, samples_per_epoch=4, max_bad_fraction=1.0, crops=CROPS)
     with pytest.raises(BadDataError, match="no readable sample"):
         list(make_train_loader(cfg, 0, 1, 0))
 
@@ -89,7 +89,7 @@ def test_whole_bad_block_is_replaced_deterministically(tmp_path):
     bad = [(f"x{i}", {"jpg": b"not a jpeg at all"}) for i in range(5)]
     write_tar(tmp_path / "s.tar", bad + _good(rng, "ok", 11))
     cfg = TrainDataConfig(urls=str(tmp_path / "s.tar"), batch_size=4, num_workers=0, shuffle_buffer=1,
-                          samples_per_epoch=12, max_bad_fraction=1.0, multicrop=CROPS)
+                          samples_per_epoch=12, max_bad_fraction=1.0, crops=CROPS)
     full = list(make_train_loader(cfg, 0, 1, 0))
     assert full[0]["keys"] == ["ok_000"] * 4 and full[1]["keys"][0] == "ok_000"  # 4 bad, then 1 bad + 3 good
     resumed = list(make_train_loader(cfg, 0, 1, 0, start_step=1))

@@ -27,7 +27,7 @@ def shards(tmp_path_factory):
 
 def _cfg(urls, **kw):
     base = dict(urls=urls, batch_size=4, num_workers=2, shuffle_buffer=8, samples_per_epoch=32, seed=7,
-                multicrop=SMALL_CROPS)
+                crops=SMALL_CROPS)
     base.update(kw)
     return TrainDataConfig(**base)
 
@@ -85,7 +85,7 @@ def test_mixing_weights(tmp_path):
     a = write_synthetic_shards(tmp_path / "a", n_shards=2, per_shard=10, name="a")
     b = write_synthetic_shards(tmp_path / "b", n_shards=2, per_shard=10, name="b", seed=1)
     cfg = _cfg([a, b], weights=[3, 1], num_workers=0, samples_per_epoch=240, batch_size=8, shuffle_buffer=1,
-               multicrop=MultiCropConfig(global_size=8, local_size=8, n_local=0, n_global=1))
+               crops=MultiCropConfig(global_size=8, local_size=8, n_local=0, n_global=1))
     keys = [k for batch in make_train_loader(cfg, 0, 1, 0) for k in batch["keys"]]
     frac_a = sum(k.startswith("a_") for k in keys) / len(keys)
     assert abs(frac_a - 0.75) < 0.09, frac_a  # 240 draws: 3 sigma = 0.084

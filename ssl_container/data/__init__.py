@@ -1,24 +1,25 @@
 """Data: WebDataset shards (write/verify), DINO multi-crop (CPU and batched tensor paths), train/eval streams.
 
-This package never imports ``ssl_container.models``. Heavy modules are imported by the caller on use.
+This package never imports ``ssl_container.models``. Its names load on first use (``data.config``
+is torch-free and the command line reads it; the rest imports torch).
 """
-from ssl_container.data.augment import EvalTransformConfig, MultiCropConfig
-from ssl_container.data.sources import BadDataError
-from ssl_container.data.stream import (
-    TrainDataConfig,
-    TrainLoader,
-    make_eval_loader,
-    make_train_loader,
-    steps_per_epoch,
-)
+import importlib
 
-__all__ = [
-    "BadDataError",
-    "EvalTransformConfig",
-    "MultiCropConfig",
-    "TrainDataConfig",
-    "TrainLoader",
-    "make_eval_loader",
-    "make_train_loader",
-    "steps_per_epoch",
-]
+_WHERE = {
+    "BadDataError": "sources",
+    "EvalTransformConfig": "config",
+    "MultiCropConfig": "config",
+    "TrainDataConfig": "config",
+    "TrainLoader": "stream",
+    "make_eval_loader": "stream",
+    "make_train_loader": "stream",
+    "steps_per_epoch": "stream",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"ssl_container.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'ssl_container.data' has no attribute {name!r}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# the configs live in data/config.py (no torch: the command line reads them); re-exported here
+from ssl_container.data.config import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, MultiCropConfig  # noqa: E402,F401
 
 _FLIP = Image.Transpose.FLIP_LEFT_RIGHT
 _SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3  # ImageOps.solarize(threshold=128)
@@ -41,56 +40,6 @@ class BadImageError(ValueError):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
-
-
-@dataclass
-class MultiCropConfig:
-    """DINO multi-crop; defaults are the official ViT-S/16 recipe (2x224 + 8x96)."""
-
-    n_global: int = 2
-    global_size: int = 224
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    n_local: int = 8
-    local_size: int = 96
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    # per global crop, cycled when n_global exceeds the tuple (global 1: blur always; global 2: rarely + solarise)
-    global_blur_p: tuple[float, ...] = (1.0, 0.1)
-    global_solarize_p: tuple[float, ...] = (0.0, 0.2)
-    local_blur_p: float = 0.5
-    local_solarize_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"  # or "bilinear"
-    # speed switches (see module docstring); both keep the parameter distribution of the recipe
-    colour_at_lower_resolution: bool = True
-    draft: bool = True  # JPEG decode at 1/2, 1/4, 1/8 scale when every crop box stays >= its output size
-    max_image_pixels: int | None = None  # None: PIL's Image.MAX_IMAGE_PIXELS (decompression-bomb limit kept on)
-
-    def __post_init__(self) -> None:
-        for name in ("global_scale", "local_scale", "ratio", "jitter", "global_blur_p", "global_solarize_p",
-                     "blur_sigma", "mean", "std"):
-            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
-        if self.n_global < 1 or self.n_local < 0:
-            raise ValueError(f"need n_global >= 1 and n_local >= 0, got {self.n_global}, {self.n_local}")
-        for name in ("global_scale", "local_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"multicrop.{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
-        if self.interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"multicrop.interpolation must be bicubic or bilinear, got {self.interpolation!r}")
-
-    @property
-    def n_crops(self) -> int:
-        return self.n_global + self.n_local
-
-    def crop_sizes(self) -> list[int]:
-        return [self.global_size] * self.n_global + [self.local_size] * self.n_local
 
 
 class CropParams(NamedTuple):
@@ -388,23 +337,6 @@ def reference_multicrop(data: bytes, rng: np.random.Generator, cfg: MultiCropCon
 
 # ------------------------------------------------------------------------------------------------
 # evaluation
-
-
-@dataclass
-class EvalTransformConfig:
-    """Resize the short side (bicubic) then center-crop: the k-NN / linear-probe protocol."""
-
-    resize: int = 256
-    crop: int = 224
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    draft: bool = False  # off: the protocol is defined on the full-resolution decode
-    max_image_pixels: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.crop > self.resize:
-            raise ValueError(f"eval crop {self.crop} larger than resize {self.resize}")
 
 
 def eval_transform(data: bytes, cfg: EvalTransformConfig) -> torch.Tensor:

@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.augment import (
     BadImageError,
     EvalTransformConfig,
     MultiCropAugment,
-    MultiCropConfig,
     decode_for_crops,
     eval_transform,
 )
@@ -62,34 +61,6 @@ _TAG_SHARDS, _TAG_MIX, _TAG_SHUFFLE, _TAG_CROPS = 0x5348, 0x4D49, 0x5355, 0x4352
 
 def _rng(*words: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) for w in words])))
-
-
-@dataclass
-class TrainDataConfig:
-    urls: str | list = ""  # brace pattern, list of shards; with ``weights``: a list of sources (each a pattern/list)
-    weights: list[float] | None = None  # mixing weights, one per source (sample level)
-    batch_size: int = 64  # per rank
-    num_workers: int = 4
-    shuffle_buffer: int = 1000  # raw samples (bytes), per worker
-    samples_per_epoch: int | None = None  # per rank; None: from dataset.json beside the shards / world_size
-    seed: int = 0
-    max_bad_fraction: float = 0.01
-    bad_check_min_samples: int = 500  # the ceiling is checked once this many samples were seen
-    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
-    augment_on: str = "cpu"  # "cpu": crops made in the workers; "device": workers decode, crops on the GPU
-    prefetch_factor: int = 2
-    pin_memory: bool = False
-    mp_context: str | None = None  # DataLoader multiprocessing context (None: the platform default)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.multicrop, dict):
-            self.multicrop = MultiCropConfig(**self.multicrop)
-        if self.augment_on not in ("cpu", "device"):
-            raise ValueError(f"data.augment_on must be 'cpu' or 'device', got {self.augment_on!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 def parse_sources(urls: str | Sequence, weights: Sequence[float] | None) -> tuple[list[list[str]], list[float]]:
@@ -187,12 +158,12 @@ class _TrainStream(IterableDataset):
         self.cfg, self.rank, self.world_size, self.epoch = cfg, rank, world_size, epoch
         self.start_step, self.steps = start_step, steps
         self.sources, self.weights = parse_sources(cfg.urls, cfg.weights)
-        self.augment = MultiCropAugment(cfg.multicrop)
+        self.augment = MultiCropAugment(cfg.crops)
 
     def _crops(self, raw: dict, rng: np.random.Generator) -> Any:
         data = raw[image_ext(raw)]
         if self.cfg.augment_on == "device":
-            img, params = decode_for_crops(data, rng, self.cfg.multicrop)
+            img, params = decode_for_crops(data, rng, self.cfg.crops)
             return np.asarray(img), params
         return self.augment(data, rng)
 
@@ -206,11 +177,11 @@ class _TrainStream(IterableDataset):
         g, G = self.rank * W + v, self.world_size * W
         counter = BadDataCounter(cfg.max_bad_fraction, cfg.bad_check_min_samples,
                                  where=f" (rank {self.rank}, worker {v})")
-        iters = [_source_samples(urls, shard_order(len(urls), cfg.seed, self.epoch, s, g, G), counter)
+        iters = [_source_samples(urls, shard_order(len(urls), cfg.seed or 0, self.epoch, s, g, G), counter)
                  for s, urls in enumerate(self.sources)]
-        mix_rng = _rng(cfg.seed, _TAG_MIX, self.epoch, self.rank, v)
+        mix_rng = _rng(cfg.seed or 0, _TAG_MIX, self.epoch, self.rank, v)
         raw_iter = _shuffled(_mixed(iters, self.weights, mix_rng), cfg.shuffle_buffer,
-                             _rng(cfg.seed, _TAG_SHUFFLE, self.epoch, self.rank, v))
+                             _rng(cfg.seed or 0, _TAG_SHUFFLE, self.epoch, self.rank, v))
         lookahead: deque = deque()
 
         def next_raw() -> dict:
@@ -241,7 +212,7 @@ class _TrainStream(IterableDataset):
                    "stats": {"worker": v, **counter.as_dict()}}
 
     def _sample_rng(self, pos: int, v: int) -> np.random.Generator:
-        return _rng(self.cfg.seed, _TAG_CROPS, self.epoch, self.rank, v, pos)
+        return _rng(self.cfg.seed or 0, _TAG_CROPS, self.epoch, self.rank, v, pos)
 
     def _replace_bad(self, block, results, keys, pos, v, lookahead, raw_iter) -> None:
         """Fill each failed position from the next good sample of the block (cyclically), or, when the
@@ -347,7 +318,7 @@ class TrainLoader:
 
         if self._gpu is None:
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._gpu = GpuMultiCrop(self.cfg.multicrop, device)
+            self._gpu = GpuMultiCrop(self.cfg.crops, device)
         return self._gpu.from_packed(packed)
 
 
