@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ssl_container.files import atomic_write_json
+from ssl_container.progress import hms
 
 __all__ = [
     "CocoDetection",
@@ -258,8 +259,9 @@ def train(
             n += 1
             it += 1
             if log_every and it % log_every == 0:
+                per_it = (time.perf_counter() - start) / it
                 log(f"  it {it}/{total}  loss {loss.item():.3f}  lr {scheduler.get_last_lr()[0]:.2e}  "
-                    f"{(time.perf_counter() - start) / it:.2f} s/it")
+                    f"{per_it:.2f} s/it  elapsed {hms(per_it * it)}  eta {hms(per_it * (total - it))}")
         if n:
             history.append({"epoch": epoch + 1, "iters": n, "seconds": round(time.perf_counter() - t0, 1),
                             **{k: round(v / n, 4) for k, v in sums.items()}})

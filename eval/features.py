@@ -40,7 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from eval.store import ShardedFeatureStore
-from ssl_container.runtime import retain_freed_memory
+from ssl_container.progress import Progress
+from ssl_container.features import FEATURE_KINDS, FeatureSet, amp_autocast, dist_info, extract_features, forward_features
 
 log = logging.getLogger("eval.features")
 
@@ -61,7 +62,6 @@ __all__ = [
     "weights_digest",
 ]
 
-FEATURE_KINDS = ("pooled", "concat")
 CACHE_FORMAT = "ssl_container.eval.features/1"
 
 
@@ -100,36 +100,6 @@ def weights_digest(model: nn.Module) -> str:
             t = t.view(torch.int16)
         h.update(t.numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _gap(t: torch.Tensor) -> torch.Tensor:
-    t = t.float()
-    if t.ndim == 4:  # NCHW
-        return t.mean(dim=(2, 3))
-    if t.ndim == 3:  # NLC tokens
-        return t.mean(dim=1)
-    return t
-
-
-def forward_features(model: nn.Module, images: torch.Tensor, kinds: Sequence[str] = ("pooled",)) -> dict[str, torch.Tensor]:
-    """``{kind: (B, D) float32}`` for the kinds asked, from one forward pass."""
-    unknown = set(kinds) - set(FEATURE_KINDS)
-    if unknown:
-        raise ValueError(f"unknown feature kind(s) {sorted(unknown)}; choose from {FEATURE_KINDS}")
-    out: dict[str, torch.Tensor] = {}
-    if "concat" in kinds:
-        if not hasattr(model, "forward_intermediates"):
-            raise ValueError(f"{type(model).__name__} has no forward_intermediates(): only 'pooled' features")
-        final, inter = model.forward_intermediates(images, indices=4)
-        pooled = model.forward_head(final, pre_logits=True)
-        out["concat"] = torch.cat([_gap(t) for t in inter[:-1]] + [pooled.float()], dim=1)
-    elif hasattr(model, "forward_head") and hasattr(model, "forward_features"):
-        pooled = model.forward_head(model.forward_features(images), pre_logits=True)
-    else:
-        pooled = model(images)
-    if "pooled" in kinds:
-        out["pooled"] = pooled.float()
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,110 +221,6 @@ def make_loader(source: DataSource, transform=None, batch_size: int = 128, rank:
 # extraction
 
 
-@dataclass
-class FeatureSet:
-    """Features of one split: (N, D) float32 (possibly memory-mapped), int64 labels, sample keys."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    keys: list[str]
-    meta: dict = field(default_factory=dict)
-    store: Any = None  # eval.knn.ShardedFeatureStore when the features live in on-disk shards
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def amp_autocast(device: torch.device, amp: str):
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp == "none":
-        return torch.autocast(device.type, enabled=False), "none"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device.type, dtype=dtype), amp
-
-
-@torch.inference_mode()
-def extract_features(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
-                     kinds: str | Sequence[str] = "pooled", amp: str = "auto", gather: str = "all",
-                     progress: bool = False, total: int | None = None) -> FeatureSet | dict[str, FeatureSet] | None:
-    """Features of every batch ``(images, labels, keys)`` of ``loader`` (this rank's part).
-
-    With a process group, the parts of all ranks are gathered (``gather="all"``: on every rank;
-    ``"main"``: on rank 0, other ranks get None; ``"none"``: this rank's part only) and sorted by key.
-    ``kinds``: one kind (returns a FeatureSet) or several (returns ``{kind: FeatureSet}``).
-    """
-    single = isinstance(kinds, str)
-    kinds = (kinds,) if single else tuple(kinds)
-    device = torch.device(device)
-    if device.type == "cpu":
-        retain_freed_memory()  # every batch reuses the last one's memory instead of faulting it in anew
-    model.eval().to(device)
-    ctx, amp_used = amp_autocast(device, amp)
-    rank, world = _dist_info()
-    feats: dict[str, list[np.ndarray]] = {k: [] for k in kinds}
-    labels: list[np.ndarray] = []
-    keys: list[str] = []
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="img", desc="features", dynamic_ncols=True, mininterval=5)
-    t0 = time.perf_counter()
-    for images, lab, kk in loader:
-        images = images.to(device, non_blocking=True)
-        with ctx:
-            out = forward_features(model, images, kinds)
-        for k in kinds:
-            feats[k].append(out[k].float().cpu().numpy())
-        labels.append(torch.as_tensor(lab).cpu().numpy().astype(np.int64))
-        keys.extend(kk)
-        if bar is not None:
-            bar.update(len(kk) * world)
-    if bar is not None:
-        bar.close()
-    dims = {k: int(forward_dim(feats[k])) for k in kinds}
-    part = {"feats": {k: (np.concatenate(v) if v else np.zeros((0, dims[k]), np.float32)) for k, v in feats.items()},
-            "labels": np.concatenate(labels) if labels else np.zeros(0, np.int64), "keys": keys}
-    seconds = time.perf_counter() - t0
-    if world > 1 and gather != "none":
-        if gather == "all":
-            parts: list = [None] * world
-            dist.all_gather_object(parts, part)
-        else:
-            parts = [None] * world if rank == 0 else None
-            dist.gather_object(part, parts, dst=0)
-            if rank != 0:
-                return None
-    else:
-        parts = [part]
-    all_keys = [k for p in parts for k in p["keys"]]
-    order = np.argsort(np.asarray(all_keys, dtype=object), kind="stable") if all_keys else np.zeros(0, np.int64)
-    sorted_keys = [all_keys[i] for i in order]
-    dup = [a for a, b in zip(sorted_keys, sorted_keys[1:]) if a == b]
-    if dup:
-        raise RuntimeError(f"{len(dup)} sample keys were extracted more than once across ranks/workers "
-                           f"(e.g. {dup[:3]}): the loader does not split the data exactly once")
-    lab_all = np.concatenate([p["labels"] for p in parts])[order]
-    result = {}
-    for k in kinds:
-        f = np.concatenate([p["feats"][k] for p in parts])[order]
-        result[k] = FeatureSet(np.ascontiguousarray(f, dtype=np.float32), lab_all, sorted_keys,
-                               {"kind": k, "dim": int(f.shape[1]) if f.ndim == 2 else 0, "num_samples": len(sorted_keys),
-                                "amp": amp_used, "world_size": world, "seconds": round(seconds, 2)})
-    return result[kinds[0]] if single else result
-
-
-def forward_dim(chunks: list[np.ndarray]) -> int:
-    return chunks[0].shape[1] if chunks else 0
-
-
 # ------------------------------------------------------------------------------------------------
 # cache
 
@@ -426,7 +292,7 @@ def get_features(model: nn.Module, source: DataSource, transform=None, kinds: st
     device = torch.device(device)
     _, amp_used = amp_autocast(device, amp)
     digest = digest or weights_digest(model)
-    rank, world = _dist_info()
+    rank, world = dist_info()
     found: dict[str, FeatureSet] = {}
     paths: dict[str, Path] = {}
     if cache_dir is not None:
@@ -493,12 +359,13 @@ def add_extraction_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop", type=int, default=224, help="center crop; Container: a multiple of 32 (default: %(default)s)")
     g.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic", help="(default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=128, help="extraction batch per rank (default: %(default)s)")
-    g.add_argument("--num-workers", type=int, default=4, help="data loader workers per rank (default: %(default)s)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data loader workers per rank (default: 4, or one less than the cores this process may use)")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto",
                    help="autocast (default: auto = bf16 on GPU, none on CPU)")
-    g.add_argument("--cache-dir", default=None, help=f"feature cache (default: $SSL_CONTAINER_FEATURE_CACHE or "
-                                                       f"~/.cache/ssl_container/features)")
+    g.add_argument("--cache-dir", default=None, help="feature cache (default: $SSL_CONTAINER_FEATURE_CACHE or "
+                                                       "~/.cache/ssl_container/features)")
     g.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
     g.add_argument("--out", default=None, help="results folder (default: <weights>/eval, else required)")
     g.add_argument("--threads", type=int, default=0, help="torch/faiss CPU threads (default: 0 = library default)")
@@ -572,6 +439,13 @@ class EvalContext:
 
 def setup_from_args(args: argparse.Namespace) -> EvalContext:
     """Device, threads, process group (torchrun / Slurm with several tasks), output folder."""
+    if hasattr(args, "num_workers"):  # loader workers that fit the machine: the forward needs a core too
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if args.num_workers is None:
+            args.num_workers = max(0, min(4, cores - 1))
+        elif args.num_workers >= cores:
+            log.warning("--num-workers %d on %d cores: the loader workers and the forward pass compete for them; "
+                        "--num-workers %d fits this machine", args.num_workers, cores, max(0, cores - 1))
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
         try:
@@ -664,7 +538,7 @@ def get_feature_store(model: nn.Module, source: DataSource, path: str | os.PathL
     holds the whole set; rank 0 then writes the combined manifest. Features are L2-normalised (k-NN)."""
 
     path = Path(path)
-    rank, world = _dist_info()
+    rank, world = dist_info()
     if not ShardedFeatureStore.is_store(path):
         device = torch.device(device)
         model.eval().to(device)
@@ -673,21 +547,15 @@ def get_feature_store(model: nn.Module, source: DataSource, path: str | os.PathL
         if part_path.exists():
             shutil.rmtree(part_path)
         store = None
-        bar = None
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=source.num_samples, unit="img", desc="features", dynamic_ncols=True, mininterval=5)
+        bar = Progress(source.num_samples, "features", "img", enabled=progress and rank == 0)
         for images, lab, keys in make_loader(source, transform, batch_size, rank, world, num_workers):
             with ctx:
                 f = forward_features(model, images.to(device, non_blocking=True), (kind,))[kind].float().cpu()
             if store is None:
                 store = ShardedFeatureStore.create(part_path, f.shape[1], shard_rows, normalize=True)
             store.add(f, lab)
-            if bar is not None:
-                bar.update(len(keys) * world)
-        if bar is not None:
-            bar.close()
+            bar.update(len(keys) * world)
+        bar.close()
         if store is None:  # this rank got no samples
             dim = [0]
         else:

@@ -38,6 +38,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_container.data.labelled import AugmentedLabelledShards
+from ssl_container.features import amp_autocast, forward_features
+from ssl_container.progress import hms
+
 log = logging.getLogger("eval.linear")
 
 __all__ = [
@@ -246,8 +250,9 @@ def train_linear_grid(train: Mapping[str, np.ndarray | torch.Tensor], train_labe
                 loss_epoch[f] += loss
         if log_every and rank == 0 and ((epoch + 1) % log_every == 0 or epoch + 1 == cfg.epochs):
             best_loss = min(float((loss_epoch[f] / (steps_per_epoch * B)).min()) for f in names)
-            log.info("linear grid: epoch %d/%d, best head loss %.4f, %.1f s", epoch + 1, cfg.epochs, best_loss,
-                     time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            log.info("linear grid: epoch %d/%d, best head loss %.4f, elapsed %s, eta %s", epoch + 1, cfg.epochs,
+                     best_loss, hms(took), hms(took / (epoch + 1) * (cfg.epochs - epoch - 1)))
     train_s = time.perf_counter() - t0
     rows = []
     yt = torch.as_tensor(np.asarray(test_labels), dtype=torch.int64) if test_labels is not None else None
@@ -320,7 +325,6 @@ def train_linear_protocol(model: nn.Module, train_batches: Callable[[int], Itera
     training augmentation (this rank's share of the global batch); exactly ``steps_per_epoch`` are
     taken per epoch on every rank. ``val_batches()`` yields (images, labels[, keys]) of this rank's
     part of the evaluation split. Returns per-epoch and best top-1 / top-5 (percent)."""
-    from eval.features import amp_autocast, forward_features
 
     cfg = cfg or LinearProtocolConfig()
     rank, world = _dist()
@@ -378,7 +382,6 @@ def train_linear_protocol(model: nn.Module, train_batches: Callable[[int], Itera
 
 @torch.no_grad()
 def _evaluate_protocol(model, clf, val_batches, device, ctx) -> tuple[float, float]:
-    from eval.features import forward_features
 
     clf.eval()
     stats = torch.zeros(3, dtype=torch.float64)
@@ -398,63 +401,14 @@ def _evaluate_protocol(model, clf, val_batches, device, ctx) -> tuple[float, flo
 # training data with DINO's linear augmentation
 
 
-class _AugmentedShards(torch.utils.data.IterableDataset):
-    """(image, label) from WebDataset shards with RandomResizedCrop + flip: this rank's shards (or
-    every world-th sample when there are fewer shards than ranks x workers), shuffled per epoch with a
-    seeded buffer, repeated without end (the caller takes a fixed number of steps)."""
-
-    def __init__(self, urls: list[str], crop: int, scale, rank: int, world: int, num_workers: int, seed: int,
-                 epoch: int, mean, std, shuffle_buffer: int = 2000):
-        super().__init__()
-        self.urls, self.crop, self.scale = urls, crop, scale
-        self.rank, self.world, self.num_workers = rank, world, max(1, num_workers)
-        self.seed, self.epoch, self.mean, self.std, self.buffer = seed, epoch, mean, std, shuffle_buffer
-
-    def __iter__(self):
-        from torchvision.transforms import v2 as T
-
-        from ssl_container.data.augment import BadImageError, decode_rgb
-        from ssl_container.data.sources import image_ext, iter_tar_samples, parse_label
-
-        info = torch.utils.data.get_worker_info()
-        g = self.rank * self.num_workers + (info.id if info is not None else 0)
-        G = self.world * self.num_workers
-        rng = np.random.default_rng([self.seed, self.epoch, g])
-        torch.manual_seed(int(rng.integers(2**31)))
-        tf = T.Compose([T.RandomResizedCrop(self.crop, scale=self.scale, interpolation=T.InterpolationMode.BICUBIC,
-                                            antialias=True),
-                        T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True), T.Normalize(self.mean, self.std)])
-        buf: list = []
-        while True:
-            if len(self.urls) >= G:
-                mine, stride = [self.urls[i] for i in rng.permutation(len(self.urls)) if i % G == g], 1
-            else:
-                mine, stride = list(self.urls), G
-            index = 0
-            for url in mine:
-                for sample in iter_tar_samples(url):
-                    index += 1
-                    if stride > 1 and (index - 1) % stride != g:
-                        continue
-                    try:
-                        arr = decode_rgb(sample[image_ext(sample)])
-                    except BadImageError:
-                        continue
-                    img = tf(torch.from_numpy(arr).permute(2, 0, 1))
-                    buf.append((img, parse_label(sample)))
-                    if len(buf) >= self.buffer:
-                        yield buf.pop(int(rng.integers(len(buf))))
-            if not mine:
-                return
-
-
 def _augmented_batches(urls, cfg: LinearProtocolConfig, rank: int, world: int, num_workers: int, mean, std,
                        num_samples: int) -> Callable[[int], Iterator]:
     per_rank = cfg.batch_size // world
     buffer = max(1, min(2000, num_samples // (world * max(1, num_workers))))
 
     def make(epoch: int):
-        ds = _AugmentedShards(urls, cfg.crop, cfg.scale, rank, world, num_workers, cfg.seed, epoch, mean, std, buffer)
+        ds = AugmentedLabelledShards(urls, cfg.crop, cfg.scale, rank, world, num_workers, cfg.seed, epoch, mean, std,
+                                     buffer)
         return iter(torch.utils.data.DataLoader(ds, batch_size=per_rank, num_workers=num_workers))
 
     return make
@@ -582,7 +536,6 @@ def _main_dino(args, ctx) -> dict:
 
 
 def forward_dim_of(model: nn.Module, size: int, device) -> int:
-    from eval.features import forward_features
 
     model.eval().to(device)
     return int(forward_features(model, torch.zeros(1, 3, size, size, device=device))["pooled"].shape[1])

@@ -29,6 +29,7 @@ from torch import nn
 from eval.features import DataSource, make_loader, resolve_data
 from eval.knn import knn_classify
 from ssl_container.data.augment import EvalTransformConfig
+from ssl_container.features import forward_features
 
 __all__ = ["RawPixels", "EvalSplit", "load_split", "embed", "knn_eval", "floors", "KNN_K"]
 
@@ -80,7 +81,7 @@ def embed(model: nn.Module, split: EvalSplit, batch_size: int = 256) -> np.ndarr
     try:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        out = [model(split.images[i:i + batch_size].to(device)).float().cpu()
+        out = [forward_features(model, split.images[i:i + batch_size].to(device))["pooled"].cpu()
                for i in range(0, len(split), batch_size)]
     finally:
         model.train(was_training)

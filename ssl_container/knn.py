@@ -1,4 +1,5 @@
-"""DINO's weighted k-NN vote, and the k-NN monitor the trainer runs on a labelled split.
+"""DINO's weighted k-NN vote, and the k-NN monitor the trainer runs on a labelled split (its
+features come from ``ssl_container.features.extract_features``, as eval's do).
 
 ``weighted_vote`` is the one implementation of the vote: ``eval.knn`` (faiss search, sharded stores,
 every k) and the trainer's online monitor (brute force on a labelled subset) both call it.
@@ -13,6 +14,7 @@ from torch import nn
 
 from ssl_container.data.augment import EvalTransformConfig
 from ssl_container.data.stream import make_eval_loader
+from ssl_container.features import extract_features
 
 __all__ = ["DEFAULT_TEMPERATURE", "OnlineKNN", "knn_accuracy", "weighted_vote"]
 
@@ -52,12 +54,14 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     return correct1 / len(val_x), correct5 / len(val_x)
 
 
-def _gather(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return x, y
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, (x, y))
-    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+def _first(loader, limit: int):
+    """The batches of ``loader`` until ``limit`` samples have been yielded (this rank's subset)."""
+    seen = 0
+    for images, labels, keys in loader:
+        yield images, labels, keys
+        seen += len(labels)
+        if seen >= limit:
+            return
 
 
 class OnlineKNN:
@@ -80,13 +84,11 @@ class OnlineKNN:
             for split, urls in (("train", m.train_urls), ("val", m.val_urls)):
                 loader = make_eval_loader(urls if len(urls) > 1 else urls[0], batch_size=64, rank=self.rank,
                                           world_size=self.world_size, num_workers=2, transform=transform)
-                xs, ys = [], []
-                for images, labels, _ in loader:
-                    xs.append(backbone(images.to(self.device)).float().cpu())
-                    ys.append(labels)
-                    if split == "train" and m.max_train_samples and sum(len(y) for y in ys) >= m.max_train_samples:
-                        break
-                feats[split] = _gather(torch.cat(xs), torch.cat(ys))
+                if split == "train" and m.max_train_samples:
+                    loader = _first(loader, m.max_train_samples)
+                # fp32 (amp none): the monitor's curve must not move with the device's autocast
+                fs = extract_features(backbone, loader, self.device, amp="none", gather="all")
+                feats[split] = (torch.from_numpy(np.asarray(fs.features)), torch.from_numpy(fs.labels))
             top1, top5 = knn_accuracy(*feats["train"], *feats["val"], k=m.k)
             return {f"top1_k{m.k}": top1, f"top5_k{m.k}": top5}
         finally:

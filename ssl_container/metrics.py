@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ssl_container.progress import hms
 from ssl_container.trackers import Trackers
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_run"]
@@ -95,7 +96,7 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self._t0
         done = step - self.start_step
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        return f"elapsed {_hms(elapsed)} | eta {_hms(eta)}"
+        return f"elapsed {hms(elapsed)} | eta {hms(eta)}"
 
     def scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
         """Evaluation results (online k-NN) into the same log and TensorBoard."""
@@ -113,14 +114,6 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _clean(v: Any) -> Any:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ssl_container.data.augment import BadImageError, decode_rgb
 from ssl_container.files import atomic_path, atomic_write_json, sha256_file
+from ssl_container.progress import Progress
 from ssl_container.data.sources import (
     BadDataCounter,
     expand_urls,
@@ -258,13 +259,15 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
 
     shard_names, shard_samples, digests = [], [], {}
     first = 0
-    for i, indices in enumerate(plan):
-        fname = f"{split}-{i:06d}.tar"
-        n, digest = _write_tar(os.path.join(out_dir, fname), samples(indices, first))
-        shard_names.append(fname)
-        shard_samples.append(n)
-        digests[fname] = digest
-        first += n
+    with Progress(len(plan), f"shards {split}", "shard") as bar:
+        for i, indices in enumerate(plan):
+            fname = f"{split}-{i:06d}.tar"
+            n, digest = _write_tar(os.path.join(out_dir, fname), samples(indices, first))
+            shard_names.append(fname)
+            shard_samples.append(n)
+            digests[fname] = digest
+            first += n
+            bar.update()
 
     meta_path = os.path.join(out_dir, "dataset.json")
     meta: dict = {}
