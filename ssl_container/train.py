@@ -169,6 +169,9 @@ def _train(run: Run) -> dict[str, Any]:
         if not summary["ranks_in_sync"]:
             log.error("student weights differ across ranks at the end of training: %s", digests)
     metrics.close(artifacts=[curves, run.run_dir / "summary.json"])
+    # The ranks leave together: one that tore down its process group while rank 0 was still plotting
+    # was seen to abort in gloo's teardown (a resume at the final step, where no step paces them).
+    D.barrier()
     return summary
 
 
