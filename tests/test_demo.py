@@ -33,7 +33,8 @@ def _check_report(out, proc, data, n_test):
 
     with Image.open(out / "pictures.png") as im:  # 4 images x (image, 2 PCA, 4 heads) for 2 models
         assert im.format == "PNG" and im.size[0] > 2 * im.size[1]
-    assert report["pictures"] == str(out / "pictures.png")
+    assert report["pictures"] == str(out / "pictures.png")  # absolute even when --out was relative
+    assert report["export"] == str(out / "export")
     return report
 
 

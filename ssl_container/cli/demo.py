@@ -170,7 +170,9 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
         "knn_k20_top1": {k: r["top1"] for k, r in rows.items()},
         "knn_k20_top5": {k: r["top5"] for k, r in rows.items()},
         "knn_train_images": len(reference), "knn_test_images": len(held_out), "knn_resolution": IMAGE_SIZE,
-        "export": str(export_dir), "curves": summary.get("curves"), "pictures": str(pictures),
+        # absolute, so the report is usable from any working directory
+        "export": str(Path(export_dir).resolve()), "curves": summary.get("curves") and str(Path(summary["curves"]).resolve()),
+        "pictures": str(Path(pictures).resolve()),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     (out_dir / "demo.json").write_text(json.dumps(report, indent=1))
