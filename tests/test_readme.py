@@ -6,6 +6,7 @@ or it is named as run by another test (``COVERED``). A command added to the READ
 these recognises fails this test until it is given a check.
 """
 import io
+import os
 import re
 import shlex
 import subprocess
@@ -160,3 +161,39 @@ def test_readme_first_commands_are_the_makefile_targets():
     make = subprocess.run(["make", "-n", "demo", "test"], cwd=REPO, capture_output=True, text=True)
     assert make.returncode == 0, make.stderr
     assert "-m ssl_container demo" in make.stdout and "-m pytest" in make.stdout
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette"
+
+
+@pytest.mark.skipif(not (IMAGENETTE / "dataset.json").is_file(), reason="needs ../shared/data/imagenette")
+def test_readme_fine_tuning_example_runs(tmp_path):
+    """The README's Python fine-tuning example, as printed, on an export of the demo's architecture: only
+    its length is cut (2 steps, one validation shard) and its export path pointed at a fresh export."""
+    import torch
+
+    from ssl_container.export import export
+    from ssl_container.models import create_model
+
+    blocks = [b for b in readme_python_blocks() if "local-dir:" in b]
+    assert len(blocks) == 1, "the README's fine-tuning example is expected once"
+    code = blocks[0]
+    torch.manual_seed(0)
+    model = create_model("container_light_narrow", num_classes=0)
+    torch.save({"model": model.state_dict()}, tmp_path / "weights.pth")
+    out = export(tmp_path / "weights.pth", tmp_path / "export", model_name="container_light_narrow")
+    for old, new in [('"runs/demo/export"', repr(str(out))), ('"../shared/data/imagenette"', repr(str(IMAGENETTE))),
+                     ("step == 199", "step == 1"), ("else 3}", "else 0}"), ("num_workers=2", "num_workers=0")]:
+        assert old in code, f"the README example changed: {old!r} is gone; update this test"
+        code = code.replace(old, new)
+    script = tmp_path / "finetune.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    top1 = float(re.search(r"val top-1 ([0-9.]+)", proc.stdout).group(1))
+    assert 0.0 <= top1 <= 1.0

@@ -7,7 +7,6 @@ the width.
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
