@@ -28,7 +28,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,6 +53,11 @@ class TrainState:
     skipped_steps: int = 0
     consecutive_nonfinite: int = 0
     images_seen: int = 0
+    # A resume that changed the samples per step (checkpoint.allow_changes) keeps counting steps but
+    # re-places the schedules and the data: the schedules read ``step - schedule_shift``, and in the
+    # epoch of the change the streams go on from ``data_base`` ({"epoch", "step", "positions"}).
+    schedule_shift: int = 0
+    data_base: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":

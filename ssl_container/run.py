@@ -24,10 +24,11 @@ from torch import nn
 
 from ssl_container import distributed as D
 from ssl_container.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
-from ssl_container.config import TrainConfig, changes_state, config_changes, config_digest, save_config
+from ssl_container.config import (ConfigError, TrainConfig, changes_state, config_changes, config_digest, load_config,
+                                  save_config)
 from ssl_container.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.config import TrainDataConfig
-from ssl_container.data.stream import steps_per_epoch
+from ssl_container.data.stream import samples_per_rank, steps_per_epoch, stream_positions
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher)
@@ -83,8 +84,18 @@ class Run:
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
 
+    @property
+    def schedule_step(self) -> int:
+        """Where the schedules and the data stand: the step count, unless a resume changed the samples per step."""
+        return self.state.step - self.state.schedule_shift
+
+    def data_base(self, epoch: int) -> tuple[int, list[int]] | None:
+        """The streams' positions where a resume changed the batch size in ``epoch`` (else None)."""
+        b = self.state.data_base
+        return (b["step"], b["positions"]) if b and b["epoch"] == epoch else None
+
     def save(self) -> Path:
-        return self.checkpoints.save(self.engine, self.state, self.stateful, self.state.step // self.iters_per_epoch)
+        return self.checkpoints.save(self.engine, self.state, self.stateful, self.schedule_step // self.iters_per_epoch)
 
     @property
     def stateful(self) -> dict[str, nn.Module]:
@@ -134,15 +145,16 @@ def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
             + " (e.g. " + ", ".join(f"{k}={max(stride, round(v / stride) * stride)}" for k, v in bad.items()) + ")")
 
 
-def _check_changes(cfg: TrainConfig, saved_path: Path) -> None:
+def _check_changes(cfg: TrainConfig, saved_path: Path) -> TrainConfig | None:
     """A resume lists every key that differs from the run's config.yaml (the reference); keys that
-    reinterpret the saved state refuse unless checkpoint.allow_changes names them."""
+    reinterpret the saved state refuse unless checkpoint.allow_changes names them. Returns the saved
+    config when an accepted change alters the samples per step (the position is then carried over)."""
     if not saved_path.is_file():
-        return
-    changes = [c for c in config_changes(yaml.safe_load(saved_path.read_text()) or {}, cfg)
-               if c[0] != "checkpoint.allow_changes"]
+        return None
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changes = [c for c in config_changes(saved, cfg) if c[0] != "checkpoint.allow_changes"]
     if not changes:
-        return
+        return None
     log.warning("resuming %s with a changed config: %s", saved_path.parent,
                 "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
     refused = [k for k, _, _ in changes if changes_state(k) and k not in cfg.checkpoint.allow_changes]
@@ -152,6 +164,47 @@ def _check_changes(cfg: TrainConfig, saved_path: Path) -> None:
             "position, schedules, random draws). Resume with the values in its config.yaml, train in a new run_dir, "
             f"or accept the change knowingly with checkpoint.allow_changes=[{','.join(refused)}]. Nothing has been "
             "changed.")
+    if not any(k in _PER_STEP_KEYS for k, _, _ in changes):
+        return None
+    try:
+        return load_config(saved)
+    except (ConfigError, ValueError) as err:
+        raise CheckpointError(f"{saved_path} cannot be read back to carry the data position over: {err}") from None
+
+
+# Keys that change the samples per step: an accepted change of one re-places schedules and data.
+_PER_STEP_KEYS = ("data.batch_size", "engine.grad_accum_steps")
+
+
+def _carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters_per_epoch: int, world_size: int,
+                    old_world_size: int) -> None:
+    """After an accepted change of the samples per step, go on at the same point: the same epoch, the
+    schedules at the step that leaves the same number of samples in it, and each data stream at the
+    raw sample position it had reached, so that no position is skipped or read twice."""
+    old_data, new_data = data_config(old), data_config(cfg)
+    old_accum, accum = old.engine.grad_accum_steps, cfg.engine.grad_accum_steps
+    old_iters = steps_per_epoch(old_data, old_world_size) // old_accum
+    if not state.step:
+        return
+    epoch, k = divmod(state.step - state.schedule_shift, old_iters)
+    streams = max(1, new_data.num_workers)
+    if k and (max(1, old_data.num_workers) != streams or old_world_size != world_size):
+        raise CheckpointError(
+            f"a change of the batch size in the middle of epoch {epoch} (step {k} of {old_iters}) carries each data "
+            f"stream's position only with the same streams: keep data.num_workers={old_data.num_workers} and "
+            f"{old_world_size} rank(s) for this resume (change them at an epoch boundary). Nothing has been changed.")
+    base = state.data_base
+    positions = (stream_positions(k * old_accum, streams, old_data.batch_size,
+                                  (base["step"], base["positions"]) if base and base["epoch"] == epoch else None)
+                 if k else [0] * streams)
+    left = samples_per_rank(new_data, world_size) - sum(positions)
+    new_k = max(0, iters_per_epoch - left // (new_data.batch_size * accum)) if k else 0
+    state.schedule_shift = state.step - (epoch * iters_per_epoch + new_k)
+    state.data_base = {"epoch": epoch, "step": new_k * accum, "positions": positions} if k else None
+    log.warning("samples per step %d -> %d (checkpoint.allow_changes): step %d goes on at the schedules' step %d "
+                "(epoch %d, %d of %d steps); each data stream of a rank goes on from its sample position %s",
+                old_data.batch_size * old_accum, new_data.batch_size * accum, state.step,
+                state.step - state.schedule_shift, epoch, new_k, iters_per_epoch, positions)
 
 
 def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None = None) -> Run:
@@ -202,6 +255,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
     })
     resume = cfg.checkpoint.resume if resume is None else resume
     existing = ckpt.complete_steps()
+    previous, carried = None, None
     if existing and not resume:
         if not cfg.checkpoint.overwrite:
             raise CheckpointError(
@@ -216,7 +270,11 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
         meta = ckpt.peek()  # verifies the checkpoint's files; falls back to the newest intact one
         if meta is not None:
             ckpt.check_compatible(meta, ckpt.root / ckpt.resume_point())
-            _check_changes(cfg, run_dir / "config.yaml")
+            previous = _check_changes(cfg, run_dir / "config.yaml")
+            if previous is not None:  # worked out (and refused, if it must be) before anything is written
+                carried = TrainState.from_dict(meta.get("train_state", {}))
+                _carry_position(carried, previous, cfg, iters_per_epoch, env.world_size,
+                                meta.get("world_size", env.world_size))
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -231,11 +289,14 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
     if env.is_main:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
     state = (ckpt.load(engine, {"teacher": teacher, "dino_state": loss}, universal) if resume else None) or TrainState()
+    if carried is not None and carried.step == state.step:
+        state.schedule_shift, state.data_base = carried.schedule_shift, carried.data_base
+    end = sched.total_iters + state.schedule_shift  # the step count at the schedules' end
     engine.train()
     teacher.train()  # batch statistics, as DINO's teacher
     return Run(cfg=cfg, env=env, device=device, precision=precision, engine=engine, optimizer=optimizer,
                teacher=teacher, loss=loss, schedules=sched, data=dcfg, checkpoints=ckpt, state=state,
-               total_steps=min(sched.total_iters, cfg.max_steps or sched.total_iters), iters_per_epoch=iters_per_epoch,
+               total_steps=min(end, cfg.max_steps or end), iters_per_epoch=iters_per_epoch,
                buffers=[b for m in (teacher, engine.module, loss) for b in m.buffers()])
 
 
@@ -251,8 +312,9 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
     A non-finite loss on any rank skips the step on every rank and leaves every buffer untouched."""
     cfg, state, engine, dino_loss = run.cfg, run.state, run.engine, run.loss
     it, accum, n_global = state.step, cfg.engine.grad_accum_steps, cfg.data.crops.n_global
-    values = run.schedules.apply(run.optimizer, it)
-    momentum, teacher_temp = run.schedules.momentum(it), run.schedules.teacher_temp(it)
+    at = run.schedule_step
+    values = run.schedules.apply(run.optimizer, at)
+    momentum, teacher_temp = run.schedules.momentum(at), run.schedules.teacher_temp(at)
     t0 = time.perf_counter()
     wait = 0.0
     losses, finite_all, images, stats, koleo_values = [], True, 0, {}, []
@@ -311,7 +373,7 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
         "images_per_s": images * run.env.world_size / max(elapsed, 1e-9),
         "data_wait": wait / max(elapsed, 1e-9),
         "skipped_steps": state.skipped_steps,
-        "epoch": state.step // run.iters_per_epoch,
+        "epoch": run.schedule_step // run.iters_per_epoch,
         **stats,
         **({"koleo": sum(koleo_values) / len(koleo_values)} if koleo_values and finite_all else {}),
     }

@@ -111,11 +111,12 @@ def _train(run: Run) -> dict[str, Any]:
     try:
         stops.__enter__()
         while state.step < run.total_steps:
-            epoch, in_epoch = divmod(state.step, run.iters_per_epoch)
+            epoch, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
             loader = make_train_loader(run.data, env.rank, env.world_size, epoch,
-                                       start_step=in_epoch * cfg.engine.grad_accum_steps, device=run.device)
+                                       start_step=in_epoch * cfg.engine.grad_accum_steps, device=run.device,
+                                       base=run.data_base(epoch))
             batches = iter(loader)
-            while state.step < run.total_steps and state.step // run.iters_per_epoch == epoch:
+            while state.step < run.total_steps and run.schedule_step // run.iters_per_epoch == epoch:
                 record = dino_step(run, batches).metrics
                 record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
                 metrics.log(state.step, record)
@@ -142,8 +143,8 @@ def _train(run: Run) -> dict[str, Any]:
                 if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
                     run.save()
             _close(batches)
-            epoch_done = state.step // run.iters_per_epoch
-            if monitor is not None and state.step % run.iters_per_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
+            epoch_done, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
+            if monitor is not None and in_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
                 metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
         failed = False
     finally:

@@ -14,7 +14,7 @@ from ssl_container.data import (
     make_train_loader,
     steps_per_epoch,
 )
-from ssl_container.data.stream import shard_order
+from ssl_container.data.stream import shard_order, stream_positions
 from ssl_container.data.testing import shared_data_dir, write_synthetic_shards
 
 SMALL_CROPS = MultiCropConfig(global_size=32, local_size=16, n_local=4)
@@ -57,6 +57,38 @@ def test_resume_two_ranks_two_workers(shards):
             _assert_same_batches(list(resumed), full[r][k:])
     again = list(make_train_loader(cfg, rank=0, world_size=2, epoch=2))
     assert [x["keys"] for x in again] != [x["keys"] for x in full[0]]  # a new epoch reshuffles
+
+
+def test_stream_positions_by_hand():
+    # 3 streams, batch 4: steps 0..6 are served by streams 0,1,2,0,1,2,0
+    assert stream_positions(7, 3, 4) == [12, 8, 8]
+    assert stream_positions(0, 3, 4) == [0, 0, 0]
+    # the epoch went on at step 5 with the streams at [20, 8, 8], batch 2 since: steps 5 (stream 2), 6 (0), 7 (1), 8 (2)
+    assert stream_positions(9, 3, 2, (5, [20, 8, 8])) == [22, 10, 12]
+    with pytest.raises(ValueError, match="does not fit"):
+        stream_positions(4, 3, 2, (5, [20, 8, 8]))
+
+
+def test_batch_size_change_mid_epoch_skips_and_repeats_nothing(shards):
+    """3 steps of batch 4, then batch 2 from each stream's position (as a resume with
+    checkpoint.allow_changes=[data.batch_size] does): every stream reads on exactly where it was."""
+    def per_stream(batches):
+        out = collections.defaultdict(list)
+        for b in batches:
+            out[b["step"] % 2].extend(b["keys"])
+        return out
+
+    # A stream's raw order does not depend on the batch size: batch 2 over a long epoch is the reference.
+    ref = per_stream(make_train_loader(_cfg(shards, batch_size=2, samples_per_epoch=64), 0, 1, epoch=1))
+    before = per_stream(list(make_train_loader(_cfg(shards), 0, 1, epoch=1))[:3])
+    positions = stream_positions(3, 2, 4)
+    assert positions == [len(before[0]), len(before[1])] == [8, 4]
+    # 32 - 12 samples left in the epoch = 10 steps of 2, so the epoch of 16 steps goes on at step 6
+    after = per_stream(make_train_loader(_cfg(shards, batch_size=2), 0, 1, epoch=1, start_step=6, base=(6, positions)))
+    for v in (0, 1):
+        seen = before[v] + after[v]
+        assert seen == ref[v][:len(seen)]
+    assert len(after[0]) + len(after[1]) == 20  # the rest of the epoch, nothing more
 
 
 def test_in_process_and_counters(shards):

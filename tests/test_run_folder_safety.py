@@ -8,7 +8,9 @@ import sys
 import time
 
 import pytest
+import torch
 
+from ssl_container.metrics import read_metrics
 from test_train import REPO, SHARDS, TINY, _env, _losses, _run, _teacher  # noqa: F401  (skip marker too)
 from test_train import pytestmark  # noqa: F401
 
@@ -133,6 +135,35 @@ def test_changed_config_on_resume_lists_the_changes_and_refuses_state_keys(tmp_p
     proc = _run(run, "max_steps=4", "checkpoint.every_steps=2", "logging.every_steps=1")
     assert "changed config: logging.every_steps: 10 -> 1; max_steps: 2 -> 4" in proc.stderr
     assert sorted(_losses(run)) == [1, 2, 3, 4]
+
+
+def test_allowed_batch_change_carries_schedules_and_data_position_over(tmp_path):
+    """3 steps of batch 4 (of 6 an epoch), then batch 2 with checkpoint.allow_changes: 12 samples of the
+    epoch's 24 are left, 6 steps of 2, so the run goes on at the schedules' step 6 of 12 (step count 3 ->
+    schedule 6, shift -3; 24 schedule steps end at step 21) with the single data stream at sample 12."""
+    common = ("logging.every_steps=1", "checkpoint.every_steps=3")
+    changed = ("data.batch_size=2", "checkpoint.allow_changes=[data.batch_size]")
+    a, b, fresh = tmp_path / "a", tmp_path / "b", tmp_path / "fresh"
+    for run in (a, b):
+        _run(run, "max_steps=3", *common)
+    proc = _run(a, *common, *changed)
+    assert "samples per step 4 -> 2 (checkpoint.allow_changes): step 3 goes on at the schedules' step 6" in proc.stderr
+    assert json.loads((a / "summary.json").read_text())["steps"] == 21
+    meta = json.loads((a / "checkpoints" / "step_00000021" / "meta.json").read_text())
+    assert meta["train_state"]["schedule_shift"] == -3 and meta["epoch"] == 2
+    assert meta["train_state"]["data_base"] == {"epoch": 0, "step": 6, "positions": [12]}
+    # the schedules: as a batch-2 run from scratch at the same point (its step 7 = schedule step 6)
+    _run(fresh, "max_steps=8", *common, "data.batch_size=2")
+    ref = {r["step"]: r for r in read_metrics(fresh / "metrics.jsonl")}
+    rows = {r["step"]: r for r in read_metrics(a / "metrics.jsonl")}
+    for key in ("lr", "wd", "momentum", "teacher_temp", "epoch"):
+        assert rows[4][key] == pytest.approx(ref[7][key], rel=1e-9), key
+        assert rows[5][key] == pytest.approx(ref[8][key], rel=1e-9), key
+    # stopped and resumed after the change: the same steps as the uninterrupted changed run
+    _run(b, "max_steps=9", *common, *changed)
+    _run(b, *common, *changed)
+    assert _losses(b) == _losses(a) and sorted(_losses(a)) == list(range(1, 22))
+    assert all(torch.equal(x, _teacher(b, 21)[k]) for k, x in _teacher(a, 21).items())
 
 
 @pytest.mark.slow

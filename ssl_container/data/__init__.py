@@ -13,7 +13,9 @@ _WHERE = {
     "TrainLoader": "stream",
     "make_eval_loader": "stream",
     "make_train_loader": "stream",
+    "samples_per_rank": "stream",
     "steps_per_epoch": "stream",
+    "stream_positions": "stream",
 }
 
 __all__ = sorted(_WHERE)

@@ -18,7 +18,9 @@ Training (:func:`make_train_loader`): an infinite, resampled, deterministic, res
   and the positions fixed.
 * Order. DataLoader collects batches from its workers round-robin starting at worker 0. Step i is
   assigned to stream ``v = i % W``, and DataLoader worker j plays stream ``(j + start_step) % W``, so the
-  first batch after a resume is step ``start_step`` and the sequence is the uninterrupted one.
+  first batch after a resume is step ``start_step`` and the sequence is the uninterrupted one. A resume
+  that changed the batch size passes ``base``: each stream goes on from the raw position it had reached
+  (:func:`stream_positions`), so no position of the epoch is skipped or read twice.
 * Epoch. A fixed number of samples per rank (``samples_per_epoch`` or dataset.json's count / world_size),
   hence the same number of steps on every rank; each epoch restarts the streams with new seeds.
 
@@ -95,6 +97,21 @@ def samples_per_rank(cfg: TrainDataConfig, world_size: int) -> int:
     return sum(counts) // world_size
 
 
+def stream_positions(start_step: int, n_streams: int, batch_size: int,
+                     base: tuple[int, Sequence[int]] | None = None) -> list[int]:
+    """How many raw samples each of a rank's ``n_streams`` streams has consumed before step
+    ``start_step`` of an epoch. ``base = (step, positions)``: the epoch went on at ``step`` with the
+    streams at ``positions`` (a resume that changed the batch size); by default it began at step 0."""
+    b0, offsets = base if base is not None else (0, [0] * n_streams)
+    if len(offsets) != n_streams or start_step < b0:
+        raise ValueError(f"stream base {base} does not fit step {start_step} of {n_streams} streams")
+    out = []
+    for v in range(n_streams):
+        first = b0 + (v - b0) % n_streams  # stream v serves the steps m >= b0 with m % W == v
+        out.append(offsets[v] + batch_size * max(0, -(-(start_step - first) // n_streams)))
+    return out
+
+
 def steps_per_epoch(cfg: TrainDataConfig, world_size: int) -> int:
     n = samples_per_rank(cfg, world_size) // cfg.batch_size
     if n < 1:
@@ -153,10 +170,10 @@ def _shuffled(it: Iterator[dict], size: int, rng: np.random.Generator) -> Iterat
 
 class _TrainStream(IterableDataset):
     def __init__(self, cfg: TrainDataConfig, rank: int, world_size: int, epoch: int, start_step: int,
-                 steps: int):
+                 steps: int, base: tuple[int, Sequence[int]] | None = None):
         super().__init__()
         self.cfg, self.rank, self.world_size, self.epoch = cfg, rank, world_size, epoch
-        self.start_step, self.steps = start_step, steps
+        self.start_step, self.steps, self.base = start_step, steps, base
         self.sources, self.weights = parse_sources(cfg.urls, cfg.weights)
         self.augment = MultiCropAugment(cfg.crops)
 
@@ -188,12 +205,11 @@ class _TrainStream(IterableDataset):
             return lookahead.popleft() if lookahead else next(raw_iter)
 
         first = self.start_step + (v - self.start_step) % W  # first step >= start_step owned by stream v
-        skipped_batches = first // W
+        pos = stream_positions(self.start_step, W, B, self.base)[v]
         counter.enabled = False  # an earlier run already counted what we skip
-        for _ in range(skipped_batches * B):
+        for _ in range(pos):
             next_raw()
         counter.enabled = True
-        pos = skipped_batches * B
         for step in range(first, self.steps, W):
             block = [next_raw() for _ in range(B)]
             counter.add_seen(B)
@@ -257,7 +273,7 @@ class TrainLoader:
     ``step``: the step within the epoch. :attr:`counters` sums the bad-data counts of all workers."""
 
     def __init__(self, cfg: TrainDataConfig, rank: int, world_size: int, epoch: int, start_step: int = 0,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, base: tuple[int, Sequence[int]] | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size, self.epoch = cfg, rank, world_size, epoch
@@ -265,7 +281,9 @@ class TrainLoader:
         self.steps_per_epoch = steps_per_epoch(cfg, world_size)
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside the epoch of {self.steps_per_epoch} steps")
-        self.start_step = start_step
+        self.start_step, self.base = start_step, base
+        # a base that does not fit fails here, not in a worker
+        stream_positions(start_step, max(1, cfg.num_workers), cfg.batch_size, base)
         self.device = device
         self._stats: dict[int, dict[str, int]] = {}
         self._gpu = None
@@ -285,7 +303,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         self._stats = {}
-        ds = _TrainStream(cfg, self.rank, self.world_size, self.epoch, self.start_step, self.steps_per_epoch)
+        ds = _TrainStream(cfg, self.rank, self.world_size, self.epoch, self.start_step, self.steps_per_epoch, self.base)
         if cfg.num_workers == 0:
             batches = iter(ds)
         else:
@@ -323,9 +341,11 @@ class TrainLoader:
 
 
 def make_train_loader(cfg: TrainDataConfig, rank: int, world_size: int, epoch: int, start_step: int = 0,
-                      *, device: str | torch.device | None = None) -> TrainLoader:
-    """The training batches of ``rank`` for ``epoch``, from ``start_step`` (resume = rebuild with k)."""
-    return TrainLoader(cfg, rank, world_size, epoch, start_step, device=device)
+                      *, device: str | torch.device | None = None,
+                      base: tuple[int, Sequence[int]] | None = None) -> TrainLoader:
+    """The training batches of ``rank`` for ``epoch``, from ``start_step`` (resume = rebuild with k;
+    ``base``: see :func:`stream_positions`)."""
+    return TrainLoader(cfg, rank, world_size, epoch, start_step, device=device, base=base)
 
 
 # ------------------------------------------------------------------------------------------------
