@@ -28,7 +28,7 @@ from ssl_container.config import (ConfigError, TrainConfig, changes_state, confi
                                   save_config)
 from ssl_container.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.config import TrainDataConfig
-from ssl_container.data.stream import samples_per_rank, steps_per_epoch, stream_positions
+from ssl_container.data.stream import make_train_loader, samples_per_rank, steps_per_epoch, stream_positions
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher)
@@ -93,6 +93,13 @@ class Run:
         """The streams' positions where a resume changed the batch size in ``epoch`` (else None)."""
         b = self.state.data_base
         return (b["step"], b["positions"]) if b and b["epoch"] == epoch else None
+
+    def epoch_loader(self) -> tuple[int, Any]:
+        """The epoch the run stands in, and its training batches from here to the epoch's end."""
+        epoch, in_epoch = divmod(self.schedule_step, self.iters_per_epoch)
+        return epoch, make_train_loader(self.data, self.env.rank, self.env.world_size, epoch,
+                                        start_step=in_epoch * self.cfg.engine.grad_accum_steps, device=self.device,
+                                        base=self.data_base(epoch))
 
     def save(self) -> Path:
         return self.checkpoints.save(self.engine, self.state, self.stateful, self.schedule_step // self.iters_per_epoch)

@@ -27,7 +27,6 @@ from torch import nn
 from ssl_container import distributed as D
 from ssl_container.config import (ConfigError, TrainConfig, config_to_dict, flatten_config, load_config, print_resolved,
                                   train_argument_parser)
-from ssl_container.data.stream import make_train_loader
 from ssl_container.dino import CollapseMonitor
 from ssl_container.engine import select_device
 from ssl_container.knn import OnlineKNN
@@ -111,10 +110,7 @@ def _train(run: Run) -> dict[str, Any]:
     try:
         stops.__enter__()
         while state.step < run.total_steps:
-            epoch, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
-            loader = make_train_loader(run.data, env.rank, env.world_size, epoch,
-                                       start_step=in_epoch * cfg.engine.grad_accum_steps, device=run.device,
-                                       base=run.data_base(epoch))
+            epoch, loader = run.epoch_loader()
             batches = iter(loader)
             while state.step < run.total_steps and run.schedule_step // run.iters_per_epoch == epoch:
                 record = dino_step(run, batches).metrics

@@ -137,33 +137,68 @@ def test_changed_config_on_resume_lists_the_changes_and_refuses_state_keys(tmp_p
     assert sorted(_losses(run)) == [1, 2, 3, 4]
 
 
+_NEXT_KEYS = r"""
+import json, sys, torch
+from ssl_container.config import load_config
+from ssl_container.distributed import cleanup, init_distributed, resolve_env
+from ssl_container.run import build_run
+cfg = load_config(None, sys.argv[1:])
+device = torch.device("cpu")
+run = build_run(cfg, init_distributed(device, resolve_env()), device)  # resumes the run folder
+epoch, loader = run.epoch_loader()  # what the trainer would read next
+print(json.dumps(next(iter(loader))["keys"]))
+cleanup()
+"""
+
+
+def _next_keys(run_dir, *overrides) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", _NEXT_KEYS, f"run_dir={run_dir}", *TINY, *overrides], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _stream_order(overrides, n) -> list[str]:
+    from dataclasses import replace
+
+    from ssl_container.config import load_config
+    from ssl_container.data import make_train_loader
+    from ssl_container.run import data_config
+
+    cfg = replace(data_config(load_config(None, overrides)), batch_size=1, samples_per_epoch=n)
+    return [b["keys"][0] for b in make_train_loader(cfg, 0, 1, epoch=0)]
+
+
 def test_allowed_batch_change_carries_schedules_and_data_position_over(tmp_path):
-    """3 steps of batch 4 (of 6 an epoch), then batch 2 with checkpoint.allow_changes: 12 samples of the
-    epoch's 24 are left, 6 steps of 2, so the run goes on at the schedules' step 6 of 12 (step count 3 ->
-    schedule 6, shift -3; 24 schedule steps end at step 21) with the single data stream at sample 12."""
+    """3 steps of batch 4 (of 6 an epoch of 24 samples), then batch 5 with checkpoint.allow_changes: 12
+    samples are left, 2 steps of 5 in an epoch of 4, so the run goes on at the schedules' step 2 (shift 1;
+    8 schedule steps end at step 9) with the single data stream at sample 12 (not 2 x 5 = 10)."""
     common = ("logging.every_steps=1", "checkpoint.every_steps=3")
-    changed = ("data.batch_size=2", "checkpoint.allow_changes=[data.batch_size]")
+    changed = ("data.batch_size=5", "checkpoint.allow_changes=[data.batch_size]")
     a, b, fresh = tmp_path / "a", tmp_path / "b", tmp_path / "fresh"
     for run in (a, b):
         _run(run, "max_steps=3", *common)
     proc = _run(a, *common, *changed)
-    assert "samples per step 4 -> 2 (checkpoint.allow_changes): step 3 goes on at the schedules' step 6" in proc.stderr
-    assert json.loads((a / "summary.json").read_text())["steps"] == 21
-    meta = json.loads((a / "checkpoints" / "step_00000021" / "meta.json").read_text())
-    assert meta["train_state"]["schedule_shift"] == -3 and meta["epoch"] == 2
-    assert meta["train_state"]["data_base"] == {"epoch": 0, "step": 6, "positions": [12]}
-    # the schedules: as a batch-2 run from scratch at the same point (its step 7 = schedule step 6)
-    _run(fresh, "max_steps=8", *common, "data.batch_size=2")
+    assert "samples per step 4 -> 5 (checkpoint.allow_changes): step 3 goes on at the schedules' step 2" in proc.stderr
+    assert json.loads((a / "summary.json").read_text())["steps"] == 9
+    meta = json.loads((a / "checkpoints" / "step_00000009" / "meta.json").read_text())
+    assert meta["train_state"]["schedule_shift"] == 1 and meta["epoch"] == 2
+    assert meta["train_state"]["data_base"] == {"epoch": 0, "step": 2, "positions": [12]}
+    # the schedules: as a batch-5 run from scratch at the same point (its step 3 = schedule step 2)
+    _run(fresh, "max_steps=4", *common, "data.batch_size=5")
     ref = {r["step"]: r for r in read_metrics(fresh / "metrics.jsonl")}
     rows = {r["step"]: r for r in read_metrics(a / "metrics.jsonl")}
     for key in ("lr", "wd", "momentum", "teacher_temp", "epoch"):
-        assert rows[4][key] == pytest.approx(ref[7][key], rel=1e-9), key
-        assert rows[5][key] == pytest.approx(ref[8][key], rel=1e-9), key
-    # stopped and resumed after the change: the same steps as the uninterrupted changed run
-    _run(b, "max_steps=9", *common, *changed)
+        assert rows[4][key] == pytest.approx(ref[3][key], rel=1e-9), key
+        assert rows[5][key] == pytest.approx(ref[4][key], rel=1e-9), key
+    # stopped mid-epoch after the change (step 4 = schedule step 3 of epoch 0's 4, the stream then at
+    # 12 + 5 = 17) and resumed: the same steps as the uninterrupted changed run
+    _run(b, "max_steps=4", *common, *changed)
+    order = _stream_order([*TINY, "data.samples_per_epoch=24"], 24)  # the stream's raw order, one sample a batch
+    assert _next_keys(b, *common, *changed) == order[17:22]
     _run(b, *common, *changed)
-    assert _losses(b) == _losses(a) and sorted(_losses(a)) == list(range(1, 22))
-    assert all(torch.equal(x, _teacher(b, 21)[k]) for k, x in _teacher(a, 21).items())
+    assert _losses(b) == _losses(a) and sorted(_losses(a)) == list(range(1, 10))
+    assert all(torch.equal(x, _teacher(b, 9)[k]) for k, x in _teacher(a, 9).items())
 
 
 @pytest.mark.slow
