@@ -179,8 +179,8 @@ def _check_changes(cfg: TrainConfig, saved_path: Path) -> TrainConfig | None:
         raise CheckpointError(f"{saved_path} cannot be read back to carry the data position over: {err}") from None
 
 
-# Keys that change the samples per step: an accepted change of one re-places schedules and data.
-_PER_STEP_KEYS = ("data.batch_size", "engine.grad_accum_steps")
+# Keys that change the samples per step or per epoch: an accepted change re-places schedules and data.
+_PER_STEP_KEYS = ("data.batch_size", "engine.grad_accum_steps", "data.samples_per_epoch")
 
 
 def _carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters_per_epoch: int, world_size: int,
@@ -205,7 +205,7 @@ def _carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters
                                   (base["step"], base["positions"]) if base and base["epoch"] == epoch else None)
                  if k else [0] * streams)
     left = samples_per_rank(new_data, world_size) - sum(positions)
-    new_k = max(0, iters_per_epoch - left // (new_data.batch_size * accum)) if k else 0
+    new_k = min(iters_per_epoch, max(0, iters_per_epoch - left // (new_data.batch_size * accum))) if k else 0
     state.schedule_shift = state.step - (epoch * iters_per_epoch + new_k)
     state.data_base = {"epoch": epoch, "step": new_k * accum, "positions": positions} if k else None
     log.warning("samples per step %d -> %d (checkpoint.allow_changes): step %d goes on at the schedules' step %d "

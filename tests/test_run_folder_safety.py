@@ -242,3 +242,28 @@ def test_kill_9_at_ten_random_points_of_a_two_process_run_loses_nothing(tmp_path
     assert _losses(run) == _losses(ref)
     a, b = _teacher(ref, 40), _teacher(run, 40)
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_carried_position_for_other_epoch_lengths_and_at_boundaries():
+    """The same carry-over, worked out by hand for an epoch-length change, an epoch that became shorter
+    than what was read, a change at an epoch boundary, and a refused change of the streams."""
+    from ssl_container.checkpoint import CheckpointError, TrainState
+    from ssl_container.config import load_config
+    from ssl_container.run import _carry_position
+
+    old = load_config(None, TINY)  # batch 4, 24 samples an epoch: 6 steps, one stream
+
+    def carry(step, *changes, iters):
+        state = TrainState(step=step)
+        _carry_position(state, old, load_config(None, [*TINY, *changes]), iters, 1, 1)
+        return state.schedule_shift, state.data_base
+
+    # 12 samples read of 48 now: 36 left = 9 steps of 4, so step 3 of 12, the stream at 12
+    assert carry(3, "data.samples_per_epoch=48", iters=12) == (0, {"epoch": 0, "step": 3, "positions": [12]})
+    # 12 read of an epoch now 8 long: the epoch is over, schedule step 2 = the start of epoch 1
+    assert carry(3, "data.samples_per_epoch=8", iters=2) == (1, {"epoch": 0, "step": 2, "positions": [12]})
+    # at an epoch boundary (step 6 = epoch 1) nothing is carried but the epoch: batch 2 -> schedule step 12
+    assert carry(6, "data.batch_size=2", iters=12) == (-6, None)
+    assert carry(6, "data.batch_size=2", "data.num_workers=2", iters=12) == (-6, None)  # streams may change there
+    with pytest.raises(CheckpointError, match="keep data.num_workers=1"):
+        carry(3, "data.batch_size=2", "data.num_workers=2", iters=12)
