@@ -197,8 +197,8 @@ def _carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters
     streams = max(1, new_data.num_workers)
     if k and (max(1, old_data.num_workers) != streams or old_world_size != world_size):
         raise CheckpointError(
-            f"a change of the samples per step or epoch in the middle of epoch {epoch} (step {k} of {old_iters}) carries each data "
-            f"stream's position only with the same streams: keep data.num_workers={old_data.num_workers} and "
+            f"a change of the samples per step or epoch in the middle of epoch {epoch} (step {k} of {old_iters}) "
+            f"carries each data stream's position only with the same streams: keep data.num_workers={old_data.num_workers} and "
             f"{old_world_size} rank(s) for this resume (change them at an epoch boundary). Nothing has been changed.")
     base = state.data_base
     positions = (stream_positions(k * old_accum, streams, old_data.batch_size,
