@@ -24,8 +24,8 @@ from torch import nn
 
 from ssl_container import distributed as D
 from ssl_container.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
-from ssl_container.config import (ConfigError, TrainConfig, changes_state, config_changes, config_digest, load_config,
-                                  save_config)
+from ssl_container.config import (ConfigError, TrainConfig, changes_state, config_changes, config_digest,
+                                  config_to_dict, load_config, save_config)
 from ssl_container.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.stream import make_train_loader, samples_per_rank, steps_per_epoch, stream_positions
@@ -152,13 +152,18 @@ def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
             + " (e.g. " + ", ".join(f"{k}={max(stride, round(v / stride) * stride)}" for k, v in bad.items()) + ")")
 
 
-def _check_changes(cfg: TrainConfig, saved_path: Path) -> TrainConfig | None:
-    """A resume lists every key that differs from the run's config.yaml (the reference); keys that
-    reinterpret the saved state refuse unless checkpoint.allow_changes names them. Returns the saved
-    config when an accepted change alters the samples per step (the position is then carried over)."""
-    if not saved_path.is_file():
+def _check_changes(cfg: TrainConfig, meta: dict[str, Any], saved_path: Path) -> TrainConfig | None:
+    """A resume lists every key that differs from the config the checkpoint was written with (its
+    meta.json; the run's config.yaml for checkpoints of earlier versions); keys that reinterpret the
+    saved state refuse unless checkpoint.allow_changes names them. Returns that config when an accepted
+    change alters the samples per step or epoch (the position is then carried over). config.yaml is not
+    the reference: a launcher writes it at submission, and a changed run may stop before its first save."""
+    if "config" in meta:
+        saved = meta["config"]
+    elif saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    else:
         return None
-    saved = yaml.safe_load(saved_path.read_text()) or {}
     changes = [c for c in config_changes(saved, cfg) if c[0] != "checkpoint.allow_changes"]
     if not changes:
         return None
@@ -214,6 +219,20 @@ def _carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters
                 state.step - state.schedule_shift, epoch, new_k, iters_per_epoch, positions)
 
 
+def _check_carried_streams(state: TrainState, cfg: TrainConfig, iters_per_epoch: int, world_size: int,
+                           saved_world_size: int) -> None:
+    """Positions carried over by an earlier change hold for the streams they were counted in: until that
+    epoch ends, another data.num_workers or number of ranks is refused before anything is written."""
+    base = state.data_base
+    if not base or (state.step - state.schedule_shift) // iters_per_epoch != base["epoch"]:
+        return
+    if len(base["positions"]) != max(1, cfg.data.num_workers) or world_size != saved_world_size:
+        raise CheckpointError(
+            f"this run changed its samples per step in epoch {base['epoch']}, and its data streams go on from the "
+            f"positions they had reached until that epoch ends: resume with data.num_workers="
+            f"{len(base['positions'])} and {saved_world_size} rank(s) until then. Nothing has been changed.")
+
+
 def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None = None) -> Run:
     """Models, engine, teacher, loss, schedules and checkpoints of ``cfg``, resumed from the newest
     complete checkpoint in its run folder when ``checkpoint.resume`` (or ``resume``) says so. The
@@ -259,6 +278,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
         "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
         "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
         "config_sha256": config_digest(cfg),
+        "config": config_to_dict(cfg),  # the reference a resume compares its config with
     })
     resume = cfg.checkpoint.resume if resume is None else resume
     existing = ckpt.complete_steps()
@@ -277,11 +297,12 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
         meta = ckpt.peek()  # verifies the checkpoint's files; falls back to the newest intact one
         if meta is not None:
             ckpt.check_compatible(meta, ckpt.root / ckpt.resume_point())
-            previous = _check_changes(cfg, run_dir / "config.yaml")
+            previous = _check_changes(cfg, meta, run_dir / "config.yaml")
+            carried = TrainState.from_dict(meta.get("train_state", {}))
             if previous is not None:  # worked out (and refused, if it must be) before anything is written
-                carried = TrainState.from_dict(meta.get("train_state", {}))
                 _carry_position(carried, previous, cfg, iters_per_epoch, env.world_size,
                                 meta.get("world_size", env.world_size))
+            _check_carried_streams(carried, cfg, iters_per_epoch, env.world_size, meta.get("world_size", env.world_size))
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

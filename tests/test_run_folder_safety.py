@@ -178,6 +178,9 @@ def test_allowed_batch_change_carries_schedules_and_data_position_over(tmp_path)
     a, b, fresh = tmp_path / "a", tmp_path / "b", tmp_path / "fresh"
     for run in (a, b):
         _run(run, "max_steps=3", *common)
+    # a changed start that saves nothing (here: nothing left to do; in life a crash or a requeue) rewrites
+    # config.yaml, but the checkpoint's own config stays the reference: the next start still carries over
+    _run(a, "max_steps=3", *common, *changed)
     proc = _run(a, *common, *changed)
     assert "samples per step 4 -> 5 (checkpoint.allow_changes): step 3 goes on at the schedules' step 2" in proc.stderr
     assert json.loads((a / "summary.json").read_text())["steps"] == 9
@@ -194,6 +197,10 @@ def test_allowed_batch_change_carries_schedules_and_data_position_over(tmp_path)
     # stopped mid-epoch after the change (step 4 = schedule step 3 of epoch 0's 4, the stream then at
     # 12 + 5 = 17) and resumed: the same steps as the uninterrupted changed run
     _run(b, "max_steps=4", *common, *changed)
+    files = {p: p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    proc = _run(b, *common, *changed, "data.num_workers=2", check=False)  # other streams before the epoch ends
+    assert proc.returncode != 0 and "resume with data.num_workers=1 and 1 rank(s)" in proc.stderr, proc.stderr[-2000:]
+    assert {p: p.read_bytes() for p in b.rglob("*") if p.is_file()} == files  # refused before any write
     order = _stream_order([*TINY, "data.samples_per_epoch=24"], 24)  # the stream's raw order, one sample a batch
     assert _next_keys(b, *common, *changed) == order[17:22]
     _run(b, *common, *changed)
