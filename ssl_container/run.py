@@ -173,7 +173,8 @@ def _check_changes(cfg: TrainConfig, meta: dict[str, Any], saved_path: Path) -> 
     if refused:
         raise CheckpointError(
             f"resuming {saved_path.parent} would change {', '.join(refused)}, which the saved state depends on (data "
-            "position, schedules, random draws). Resume with the values in its config.yaml, train in a new run_dir, "
+            "position, schedules, random draws). Resume with the values it was trained with (its config.yaml, or "
+            "the checkpoint's meta.json), train in a new run_dir, "
             f"or accept the change knowingly with checkpoint.allow_changes=[{','.join(refused)}]. Nothing has been "
             "changed.")
     if not any(k in _PER_STEP_KEYS for k, _, _ in changes):
@@ -193,18 +194,19 @@ def _carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters
     """After an accepted change of the samples per step, go on at the same point: the same epoch, the
     schedules at the step that leaves the same number of samples in it, and each data stream at the
     raw sample position it had reached, so that no position is skipped or read twice."""
+    if not state.step:
+        return
     old_data, new_data = data_config(old), data_config(cfg)
     old_accum, accum = old.engine.grad_accum_steps, cfg.engine.grad_accum_steps
     old_iters = steps_per_epoch(old_data, old_world_size) // old_accum
-    if not state.step:
-        return
     epoch, k = divmod(state.step - state.schedule_shift, old_iters)
     streams = max(1, new_data.num_workers)
     if k and (max(1, old_data.num_workers) != streams or old_world_size != world_size):
         raise CheckpointError(
             f"a change of the samples per step or epoch in the middle of epoch {epoch} (step {k} of {old_iters}) "
-            f"carries each data stream's position only with the same streams: keep data.num_workers={old_data.num_workers} and "
-            f"{old_world_size} rank(s) for this resume (change them at an epoch boundary). Nothing has been changed.")
+            "carries each data stream's position only with the same streams: keep "
+            f"data.num_workers={old_data.num_workers} and {old_world_size} rank(s) for this resume (change them at an "
+            "epoch boundary). Nothing has been changed.")
     base = state.data_base
     positions = (stream_positions(k * old_accum, streams, old_data.batch_size,
                                   (base["step"], base["positions"]) if base and base["epoch"] == epoch else None)
