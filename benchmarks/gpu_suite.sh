@@ -80,7 +80,7 @@ else
     --device cuda --batch-size 64
   step knn 120 "$PY" benchmarks/knn.py --scales 1000000 --queries 10000 --dim 512 --threads 16
   step pretrain 300 "$PY" benchmarks/learning.py --config configs/imagenette.yaml --minutes 3 --evals 1 \
-    --data "$DATA/imagenette" --resolution 128 --out "$OUT/pretrain" data.num_workers=12 engine.device=cuda optim.warmup_epochs=1 \
+    --data "$DATA/imagenette" --resolution 128 --out "$OUT/pretrain" data.num_workers=12 engine.device=cuda schedule.warmup_epochs=1 \
     logging.tensorboard=false monitor.every_epochs=0
 fi
 echo "results: $OUT/suite.jsonl" | tee -a "$OUT/suite.log"

@@ -156,9 +156,7 @@ def _train_options(opts: JobOptions, cfg: Any) -> JobOptions:
 
 def _run_folder_notes(cfg: Any) -> list[str]:
     """What an existing run folder means for this submission: a resume, and what changed."""
-    import yaml
-
-    from ssl_container.run_folder import read_latest
+    from ssl_container.run_folder import read_latest, trained_config
     from ssl_container.config import config_changes
 
     run_dir = Path(cfg.run_dir)
@@ -169,11 +167,12 @@ def _run_folder_notes(cfg: Any) -> list[str]:
         raise LaunchError(str(err)) from None
     if tag:
         notes.append(f"{run_dir} has checkpoint {tag}: the job resumes from it")
-    old_path = run_dir / "config.yaml"
-    if old_path.is_file():
-        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_changes(yaml.safe_load(old_path.read_text()) or {}, cfg)]
+    trained = trained_config(run_dir)
+    if trained:
+        changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_changes(trained[0], cfg)]
         if changed:
-            notes.append("config changes against the run folder's config.yaml: " + "; ".join(changed))
+            notes.append(f"config changes against the config the run was trained with ({trained[1]}): "
+                         + "; ".join(changed))
     return notes
 
 
@@ -471,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  ssl-container launch --config configs/container_light_imagenet.yaml --nodes 2 --gpus-per-node 8 \\\n"
                "      --cpus-per-task 10 --mem-gb 0 --partition gpu --time 48:00:00 run_dir=/shared/runs/cl100\n"
-               "  ssl-container launch --config configs/imagenette.yaml --grid optim.lr=2e-4,5e-4 --gpus-per-node 1\n"
+               "  ssl-container launch --config configs/imagenette.yaml --grid schedule.lr=2e-4,5e-4 --gpus-per-node 1\n"
                "  ssl-container launch --eval knn --checkpoint /shared/runs/cl100 --gpus-per-node 1 -- \\\n"
                "      --data /datasets/imagenet --train-split train --val-split val\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,

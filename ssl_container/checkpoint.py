@@ -59,6 +59,11 @@ class TrainState:
     schedule_shift: int = 0
     data_base: Optional[dict] = None
 
+    def base_in(self, epoch: int) -> tuple[int, list[int]] | None:
+        """(step, positions) the streams go on from in ``epoch``, where a change was carried over in it."""
+        b = self.data_base
+        return (b["step"], b["positions"]) if b and b["epoch"] == epoch else None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":
         # Checkpoints of earlier versions also stored a (stale) epoch and an unused 'extra'.

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from ssl_container.checks import check_fields
 from ssl_container.data.config import MultiCropConfig, TrainDataConfig
+from ssl_container.dino.config import DinoConfig, HeadConfig, ScheduleConfig
 from ssl_container.files import atomic_write_text
 from ssl_container.trackers import BACKENDS
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "train_argument_parser",
@@ -32,6 +37,7 @@ __all__ = [
     "HeadConfig",
     "DinoConfig",
     "OptimConfig",
+    "ScheduleConfig",
     "DataConfig",
     "CropConfig",
     "EngineConfig",
@@ -57,41 +63,21 @@ class ModelConfig:
     grad_checkpointing: bool = False
     channels_last: bool = True  # feed crops as channels_last (weights stay contiguous: DeepSpeed broadcasts them)
 
-
-@dataclass
-class HeadConfig:
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    norm_last_layer: bool = True
-    use_bn: bool = False
-
-
-@dataclass
-class DinoConfig:
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
-    momentum_teacher: float = 0.996
-    freeze_last_layer: int = 1  # epochs with the prototype layer at lr 0
-    sinkhorn_knopp: bool = False
-    koleo_weight: float = 0.0  # DINOv2's KoLeo regulariser on the student's global-crop features (DINOv2: 0.1)
+    def __post_init__(self) -> None:
+        check_fields(self, "model", non_negative=("drop_path_rate",))
 
 
 @dataclass
 class OptimConfig:
+    """The optimizer; its lr and weight decay are set every step by the ``schedule`` section."""
+
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 5e-4  # per 256 images; scaled linearly with the global batch
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
     clip_grad: float = 3.0  # global norm; 0 disables
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     momentum: float = 0.9  # SGD only
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optim", non_negative=("clip_grad",), choices={"optimizer": ("adamw", "sgd")})
 
 
 # The data section is the training stream's own config (with the multi-crop recipe as data.crops).
@@ -108,6 +94,10 @@ class EngineConfig:
     cpu_retain_memory: bool = True  # CPU: keep freed tensor memory in the process, no page faults per step (runtime.py)
     fast_cpu_kernels: bool = True  # fp32 on CPU: Container's 1x1 / depthwise convs on faster kernels (cpu_kernels.py)
 
+    def __post_init__(self) -> None:
+        check_fields(self, "engine", positive=("grad_accum_steps",), choices={
+            "zero_stage": (0, 1, 2), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")})
+
 
 @dataclass
 class CheckpointConfig:
@@ -116,6 +106,10 @@ class CheckpointConfig:
     resume: bool = True  # resume from the newest intact checkpoint in run_dir
     overwrite: bool = False  # start fresh where checkpoints exist: the old run folder is renamed aside, never deleted
     allow_changes: list[str] = field(default_factory=list)  # resume although these state keys changed (config.STATE_KEYS)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "checkpoint", positive=("every_steps", "keep_last"))
+        self.allow_changes = [MOVED_KEYS.get(k, k) for k in self.allow_changes]
 
 
 @dataclass
@@ -128,6 +122,15 @@ class LoggingConfig:
     mlflow_uri: Optional[str] = None  # default: sqlite:///RUN/mlflow.db, artifacts in RUN/mlflow-artifacts
     wandb_mode: Optional[str] = None  # online | offline | disabled (default: W&B's own settings, e.g. WANDB_MODE)
     progress: str = "auto"  # auto | bar | lines | off
+
+    def __post_init__(self) -> None:
+        check_fields(self, "logging", positive=("every_steps",), choices={"progress": ("auto", "bar", "lines", "off")})
+        for backend in self.backends:
+            if backend not in BACKENDS:
+                raise ValueError(f"config key 'logging.backends' names {backend!r}; allowed values: {', '.join(BACKENDS)}")
+        if self.wandb_mode not in (None, "online", "offline", "disabled"):
+            raise ValueError(f"config key 'logging.wandb_mode' is {self.wandb_mode!r}; allowed values: "
+                             "online, offline, disabled (or leave it unset for W&B's own settings)")
 
 
 @dataclass
@@ -153,6 +156,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -160,30 +164,25 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
-
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "optim.optimizer": ("adamw", "sgd"),
-    "engine.zero_stage": (0, 1, 2),
-    "engine.precision": ("fp32", "bf16", "fp16"),
-    "engine.device": ("auto", "cpu", "cuda"),
-    "logging.progress": ("auto", "bar", "lines", "off"),
-    "data.augment_on": ("cpu", "device"),
-}
+    def __post_init__(self) -> None:
+        # Sections check themselves; what is left spans sections.
+        check_fields(self, "", positive=("epochs", "max_steps", "max_nonfinite"))
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+            if getattr(self.schedule, name) > self.epochs:
+                raise ValueError(f"config key 'schedule.{name}' ({getattr(self.schedule, name)}) exceeds 'epochs' "
+                                 f"({self.epochs})")
 
 
-def _allowed_keys(section: Any) -> list[str]:
-    return [f.name for f in dataclasses.fields(section)]
-
-
-def _section_at(path: str) -> Any:
-    """The dataclass type at a dotted path, for error messages."""
+def _field_at(dotted: str) -> tuple[Any, Any]:
+    """The dataclass that holds a dotted key, and the key's field (None where the path leaves the schema)."""
     node: Any = TrainConfig
-    for part in path.split(".")[:-1] if path else []:
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()):  # type: ignore[misc]
-            return None
-        node = type(fields[part].default_factory())  # type: ignore[misc]
-    return node
+    *sections, name = dotted.strip().split(".")
+    for part in sections:
+        f = {f.name: f for f in dataclasses.fields(node)}.get(part)
+        if f is None or f.default_factory is dataclasses.MISSING or not dataclasses.is_dataclass(f.default_factory()):
+            return None, None
+        node = type(f.default_factory())
+    return node, {f.name: f for f in dataclasses.fields(node)}.get(name)
 
 
 def _explain(err: Exception, source: str) -> ConfigError:
@@ -191,97 +190,13 @@ def _explain(err: Exception, source: str) -> ConfigError:
 
     key = getattr(err, "full_key", None) or ""
     if isinstance(err, ConfigKeyError) or "Key '" in str(err) and "not in" in str(err):
-        section = _section_at(key) if key else None
-        allowed = ", ".join(_allowed_keys(section)) if section else "see ssl_container/config.py"
+        section = _field_at(key)[0] if key else None
+        allowed = ", ".join(f.name for f in dataclasses.fields(section)) if section else "see ssl_container/config.py"
         return ConfigError(f"{source}: unknown config key '{key}'. Allowed keys here: {allowed}")
     if isinstance(err, OmegaConfBaseException):
         msg = str(err).split("\n")[0]
         return ConfigError(f"{source}: bad value for '{key}': {msg}")
     return ConfigError(f"{source}: {err}")
-
-
-def _validate(cfg: TrainConfig) -> None:
-    flat = {
-        "optim.optimizer": cfg.optim.optimizer,
-        "engine.zero_stage": cfg.engine.zero_stage,
-        "engine.precision": cfg.engine.precision,
-        "engine.device": cfg.engine.device,
-        "logging.progress": cfg.logging.progress,
-        "data.augment_on": cfg.data.augment_on,
-    }
-    for key, value in flat.items():
-        if value not in _CHOICES[key]:
-            choices = ", ".join(map(str, _CHOICES[key]))
-            raise ConfigError(f"config key '{key}' is {value!r}; allowed values: {choices}")
-    for backend in cfg.logging.backends:
-        if backend not in BACKENDS:
-            raise ConfigError(f"config key 'logging.backends' names {backend!r}; allowed values: {', '.join(BACKENDS)}")
-    if cfg.logging.wandb_mode not in (None, "online", "offline", "disabled"):
-        raise ConfigError(f"config key 'logging.wandb_mode' is {cfg.logging.wandb_mode!r}; allowed values: "
-                          "online, offline, disabled (or leave it unset for W&B's own settings)")
-    positive = {
-        "epochs": cfg.epochs,
-        "data.batch_size": cfg.data.batch_size,
-        "engine.grad_accum_steps": cfg.engine.grad_accum_steps,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "head.out_dim": cfg.head.out_dim,
-        "data.crops.n_global": cfg.data.crops.n_global,
-        "data.crops.global_size": cfg.data.crops.global_size,
-        "data.crops.local_size": cfg.data.crops.local_size,
-        "logging.every_steps": cfg.logging.every_steps,
-        "optim.lr": cfg.optim.lr,
-        "dino.teacher_temp": cfg.dino.teacher_temp,
-        "dino.warmup_teacher_temp": cfg.dino.warmup_teacher_temp,
-        "dino.student_temp": cfg.dino.student_temp,
-        "head.hidden_dim": cfg.head.hidden_dim,
-        "head.bottleneck_dim": cfg.head.bottleneck_dim,
-        "max_nonfinite": cfg.max_nonfinite,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise ConfigError(f"config key 'max_steps' must be > 0 or null, got {cfg.max_steps}")
-    non_negative = {
-        "data.num_workers": cfg.data.num_workers, "data.crops.n_local": cfg.data.crops.n_local,
-        "optim.min_lr": cfg.optim.min_lr, "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.weight_decay_end": cfg.optim.weight_decay_end, "optim.warmup_epochs": cfg.optim.warmup_epochs,
-        "optim.clip_grad": cfg.optim.clip_grad, "dino.warmup_teacher_temp_epochs": cfg.dino.warmup_teacher_temp_epochs,
-        "dino.freeze_last_layer": cfg.dino.freeze_last_layer, "model.drop_path_rate": cfg.model.drop_path_rate,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value}")
-    for key, value in {"dino.momentum_teacher": cfg.dino.momentum_teacher,
-                       "dino.center_momentum": cfg.dino.center_momentum}.items():
-        if not 0 <= value <= 1:
-            raise ConfigError(f"config key '{key}' must be in [0, 1], got {value}")
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.urls):
-        raise ConfigError(
-            f"config key 'data.weights' has {len(cfg.data.weights)} entries for {len(cfg.data.urls)} "
-            "data.urls: give one weight per source, or drop data.weights"
-        )
-    for key in ("global_scale", "local_scale"):
-        lo_hi = getattr(cfg.data.crops, key)
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
-            raise ConfigError(f"config key 'data.crops.{key}' must be [low, high] with 0 < low <= high <= 1, got {lo_hi}")
-    if cfg.dino.koleo_weight < 0:
-        raise ConfigError(f"config key 'dino.koleo_weight' must be >= 0 (0 disables KoLeo), got {cfg.dino.koleo_weight}")
-    sig = cfg.data.crops.blur_sigma
-    if len(sig) != 2 or not 0 < sig[0] <= sig[1]:
-        raise ConfigError(f"config key 'data.crops.blur_sigma' must be [low, high] with 0 < low <= high, got {sig}")
-    if not 0 <= cfg.data.max_bad_fraction <= 1:
-        raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
-    if cfg.optim.warmup_epochs > cfg.epochs:
-        raise ConfigError(
-            f"config key 'optim.warmup_epochs' ({cfg.optim.warmup_epochs}) exceeds 'epochs' ({cfg.epochs})"
-        )
-    if cfg.dino.warmup_teacher_temp_epochs > cfg.epochs:
-        raise ConfigError(
-            f"config key 'dino.warmup_teacher_temp_epochs' ({cfg.dino.warmup_teacher_temp_epochs}) exceeds "
-            f"'epochs' ({cfg.epochs})"
-        )
 
 
 def split_top_level(text: str) -> list[str]:
@@ -327,20 +242,28 @@ def _parse_override_value(raw: str) -> Any:
         return raw
 
 
-def _is_list_field(dotted: str) -> bool:
-    node: Any = TrainConfig
-    parts = dotted.strip().split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(node):
-            return False
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        if part not in fields:
-            return False
-        f = fields[part]
-        if i == len(parts) - 1:
-            return "list" in str(f.type).lower()
-        node = type(f.default_factory()) if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-    return False
+# Keys that moved into the schedule section. Recipes, overrides and saved runs that use the old names
+# still load: the value goes to its new key and the new name is logged.
+MOVED_KEYS = {**{f"optim.{k}": f"schedule.{k}" for k in ("lr", "min_lr", "warmup_epochs", "weight_decay",
+                                                         "weight_decay_end")},
+              **{f"dino.{k}": f"schedule.{k}" for k in ("momentum_teacher", "teacher_temp", "warmup_teacher_temp",
+                                                        "warmup_teacher_temp_epochs", "freeze_last_layer")}}
+
+
+def _move_renamed_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The recipe mapping with every key of ``MOVED_KEYS`` under its new name."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, name), (new_section, new_name) = old.split("."), new.split(".")
+        if not isinstance(out.get(old_section), dict) or name not in out[old_section]:
+            continue
+        target = out.setdefault(new_section, {})
+        if not isinstance(target, dict) or new_name in target:
+            raise ConfigError(f"{source}: '{old}' and '{new}' are both set; '{old}' is the old name of '{new}': "
+                              "keep only the new one")
+        target[new_name] = out[old_section].pop(name)
+        log.warning("%s: '%s' is now '%s' (the old name still works)", source, old, new)
+    return out
 
 
 def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -364,16 +287,21 @@ def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: S
                 raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
             if not isinstance(raw, dict):
                 raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+        raw = _move_renamed_keys(raw, source)
         try:
             base = OmegaConf.merge(base, OmegaConf.create(raw))
         except OmegaConfBaseException as err:
             raise _explain(err, source) from None
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. optim.lr=1e-4 or data.urls=[a.tar,b.tar])")
+            raise ConfigError(f"override '{item}' is not key=value (e.g. schedule.lr=1e-4 or data.urls=[a.tar,b.tar])")
         key, raw_value = item.split("=", 1)
+        if key.strip() in MOVED_KEYS:
+            log.warning("override '%s': '%s' is now '%s' (the old name still works)", item, key.strip(),
+                        MOVED_KEYS[key.strip()])
+            key = MOVED_KEYS[key.strip()]
         value = _parse_override_value(raw_value)
-        if isinstance(value, str) and _is_list_field(key):
+        if isinstance(value, str) and "list" in str(getattr(_field_at(key)[1], "type", "")).lower():
             value = [value]  # data.urls=/data/train-{0..9}.tar means a one-element list
         nested: Any = value
         for part in reversed(key.strip().split(".")):
@@ -386,9 +314,8 @@ def load_config(path: str | Path | Mapping[str, Any] | None = None, overrides: S
         cfg: TrainConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise _explain(err, "config") from None
-    except ValueError as err:  # a component's own validation (__post_init__), which names its key
-        raise ConfigError(f"config: {err}") from None
-    _validate(cfg)
+    except ValueError as err:  # a section's own validation (__post_init__), which names its key
+        raise ConfigError(str(err)) from None
     return cfg
 
 
@@ -408,8 +335,8 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 # schedules' lengths, the seed of every random draw. Resuming with another value refuses unless
 # checkpoint.allow_changes names the key.
 STATE_KEYS = ("seed", "data.seed", "epochs", "data.batch_size", "data.samples_per_epoch", "data.urls", "data.weights",
-              "data.crops.", "engine.grad_accum_steps", "optim.warmup_epochs", "optim.lr", "optim.min_lr",
-              "dino.warmup_teacher_temp_epochs", "dino.freeze_last_layer")
+              "data.crops.", "engine.grad_accum_steps", "schedule.warmup_epochs", "schedule.lr", "schedule.min_lr",
+              "schedule.lr_reference_batch", "schedule.warmup_teacher_temp_epochs", "schedule.freeze_last_layer")
 
 
 def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -425,7 +352,8 @@ def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every key that differs from a run's saved config.yaml."""
-    old, new = flatten_config(saved), flatten_config(config_to_dict(cfg))
+    old = {MOVED_KEYS.get(k, k): v for k, v in flatten_config(saved).items()}
+    new = flatten_config(config_to_dict(cfg))
     # A key the saved config does not hold is one an older version did not have: it ran with the default.
     defaults = flatten_config(config_to_dict(TrainConfig()))
     return [(k, old.get(k, defaults.get(k)), new.get(k)) for k in sorted(set(old) | set(new))
@@ -456,7 +384,7 @@ def train_argument_parser() -> argparse.ArgumentParser:
                     "key=value overrides change them (unknown keys fail before any work).")
     parser.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 data.batch_size=32")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.lr=1e-4 data.batch_size=32")
     return parser
 
 

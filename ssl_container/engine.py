@@ -94,8 +94,8 @@ def build_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]]) -> tor
     for group in param_groups:
         group.setdefault("step", 0)
     if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True)
-    return torch.optim.SGD(param_groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, fused=True)
+        return torch.optim.AdamW(param_groups, lr=cfg.schedule.lr, betas=tuple(cfg.optim.betas), fused=True)
+    return torch.optim.SGD(param_groups, lr=cfg.schedule.lr, momentum=cfg.optim.momentum, fused=True)
 
 
 def _deepspeed_safe_globals() -> list[Any]:

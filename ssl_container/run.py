@@ -47,8 +47,7 @@ def build_student(cfg: TrainConfig) -> MultiCropWrapper:
     backbone = create_model(cfg.model.name, num_classes=0, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
     if cfg.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
-    head = DINOHead(backbone.num_features, cfg.head.out_dim, cfg.head.hidden_dim, cfg.head.bottleneck_dim,
-                    cfg.head.nlayers, cfg.head.norm_last_layer, cfg.head.use_bn)
+    head = DINOHead(backbone.num_features, **asdict(cfg.head))
     return MultiCropWrapper(backbone, head)
 
 
@@ -89,17 +88,12 @@ class Run:
         """Where the schedules and the data stand: the step count, unless a resume changed the samples per step."""
         return self.state.step - self.state.schedule_shift
 
-    def data_base(self, epoch: int) -> tuple[int, list[int]] | None:
-        """The streams' positions where a resume changed the batch size in ``epoch`` (else None)."""
-        b = self.state.data_base
-        return (b["step"], b["positions"]) if b and b["epoch"] == epoch else None
-
     def epoch_loader(self) -> tuple[int, Any]:
         """The epoch the run stands in, and its training batches from here to the epoch's end."""
         epoch, in_epoch = divmod(self.schedule_step, self.iters_per_epoch)
         return epoch, make_train_loader(self.data, self.env.rank, self.env.world_size, epoch,
                                         start_step=in_epoch * self.cfg.engine.grad_accum_steps, device=self.device,
-                                        base=self.data_base(epoch))
+                                        base=self.state.base_in(epoch))
 
     def save(self) -> Path:
         return self.checkpoints.save(self.engine, self.state, self.stateful, self.schedule_step // self.iters_per_epoch)
@@ -207,10 +201,7 @@ def _carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters
             "carries each data stream's position only with the same streams: keep "
             f"data.num_workers={old_data.num_workers} and {old_world_size} rank(s) for this resume (change them at an "
             "epoch boundary). Nothing has been changed.")
-    base = state.data_base
-    positions = (stream_positions(k * old_accum, streams, old_data.batch_size,
-                                  (base["step"], base["positions"]) if base and base["epoch"] == epoch else None)
-                 if k else [0] * streams)
+    positions = stream_positions(k * old_accum, streams, old_data.batch_size, state.base_in(epoch)) if k else [0] * streams
     left = samples_per_rank(new_data, world_size) - sum(positions)
     new_k = min(iters_per_epoch, max(0, iters_per_epoch - left // (new_data.batch_size * accum))) if k else 0
     state.schedule_shift = state.step - (epoch * iters_per_epoch + new_k)
@@ -226,7 +217,7 @@ def _check_carried_streams(state: TrainState, cfg: TrainConfig, iters_per_epoch:
     """Positions carried over by an earlier change hold for the streams they were counted in: until that
     epoch ends, another data.num_workers or number of ranks is refused before anything is written."""
     base = state.data_base
-    if not base or (state.step - state.schedule_shift) // iters_per_epoch != base["epoch"]:
+    if not state.base_in((state.step - state.schedule_shift) // iters_per_epoch):
         return
     if len(base["positions"]) != max(1, cfg.data.num_workers) or world_size != saved_world_size:
         raise CheckpointError(
@@ -265,14 +256,7 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
     iters_per_epoch = micro_per_epoch // accum
     if iters_per_epoch < 1:
         raise ValueError(f"an epoch has {micro_per_epoch} batches per rank, fewer than engine.grad_accum_steps={accum}")
-    sched = DINOSchedules(
-        epochs=cfg.epochs, niter_per_ep=iters_per_epoch, total_batch_size=cfg.data.batch_size * accum * env.world_size,
-        base_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_epochs=cfg.optim.warmup_epochs,
-        weight_decay=cfg.optim.weight_decay, weight_decay_end=cfg.optim.weight_decay_end,
-        momentum_teacher=cfg.dino.momentum_teacher, warmup_teacher_temp=cfg.dino.warmup_teacher_temp,
-        teacher_temp_end=cfg.dino.teacher_temp, warmup_teacher_temp_epochs=cfg.dino.warmup_teacher_temp_epochs,
-        freeze_last_layer=cfg.dino.freeze_last_layer,
-    )
+    sched = DINOSchedules(cfg.epochs, iters_per_epoch, cfg.data.batch_size * accum * env.world_size, cfg.schedule)
 
     # --- checked before anything is written: crops, the run folder's checkpoints ----------------------
     _check_crops(cfg, student.backbone)

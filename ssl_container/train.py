@@ -125,9 +125,9 @@ def _train(run: Run) -> dict[str, Any]:
                     raise NonFiniteLossError(
                         f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
                         f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
-                        f"saved in {folder}. Usual causes: a learning rate too high for the batch (optim.lr), fp16 "
-                        "overflow (use engine.precision=bf16), or corrupt inputs. Lower optim.lr or raise "
-                        "optim.warmup_epochs and restart from the same run_dir to resume."
+                        f"saved in {folder}. Usual causes: a learning rate too high for the batch (schedule.lr), fp16 "
+                        "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
+                        "schedule.warmup_epochs and restart from the same run_dir to resume."
                     )
                 # Every rank stops at the same step, even if only one received the signal.
                 if env.world_size > 1 or stops.received is not None:

@@ -12,9 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_dino_recipe():
     cfg = load_config()
     assert isinstance(cfg, TrainConfig)
-    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs) == (5e-4, 1e-6, 10)
-    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
-    assert (cfg.dino.teacher_temp, cfg.dino.student_temp, cfg.dino.momentum_teacher) == (0.04, 0.1, 0.996)
+    assert (cfg.schedule.lr, cfg.schedule.min_lr, cfg.schedule.warmup_epochs) == (5e-4, 1e-6, 10)
+    assert (cfg.schedule.weight_decay, cfg.schedule.weight_decay_end, cfg.optim.clip_grad) == (0.04, 0.4, 3.0)
+    assert (cfg.schedule.teacher_temp, cfg.dino.student_temp, cfg.schedule.momentum_teacher) == (0.04, 0.1, 0.996)
     assert (cfg.data.crops.n_global, cfg.data.crops.global_size, cfg.data.crops.n_local, cfg.data.crops.local_size) == (2, 224, 8, 96)
     assert cfg.data.crops.global_scale == (0.4, 1.0) and cfg.data.crops.local_scale == (0.05, 0.4)
     assert cfg.head.out_dim == 65536 and cfg.engine.zero_stage == 1
@@ -22,10 +22,10 @@ def test_defaults_are_dino_recipe():
 
 def test_yaml_and_overrides(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("epochs: 17\noptim:\n  lr: 0.001\ndata:\n  urls: ['/d/train-{000000..000009}.tar']\n")
-    cfg = load_config(recipe, ["optim.lr=2e-3", "data.crops.local_size=32", "model.kwargs={img_size: 64}",
+    recipe.write_text("epochs: 17\nschedule:\n  lr: 0.001\ndata:\n  urls: ['/d/train-{000000..000009}.tar']\n")
+    cfg = load_config(recipe, ["schedule.lr=2e-3", "data.crops.local_size=32", "model.kwargs={img_size: 64}",
                                "data.urls=[/a/x-{0..3}.tar,/b/y-{0..1}.tar]", "data.weights=[1,3]"])
-    assert cfg.epochs == 17 and cfg.optim.lr == 2e-3 and cfg.data.crops.local_size == 32
+    assert cfg.epochs == 17 and cfg.schedule.lr == 2e-3 and cfg.data.crops.local_size == 32
     assert cfg.model.kwargs == {"img_size": 64}
     assert cfg.data.urls == ["/a/x-{0..3}.tar", "/b/y-{0..1}.tar"] and cfg.data.weights == [1.0, 3.0]
     # a single brace pattern is a one-element list
@@ -35,14 +35,14 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, match",
     [
-        ("optim.lrr=1", r"unknown config key 'optim.lrr'.*Allowed keys here: optimizer, lr"),
+        ("optim.lrr=1", r"unknown config key 'optim.lrr'.*Allowed keys here: optimizer, clip_grad"),
         ("bogus=1", r"unknown config key 'bogus'"),
-        ("optim.lr=abc", r"bad value for 'optim.lr'"),
+        ("schedule.lr=abc", r"bad value for 'schedule.lr'"),
         ("engine.precision=fp8", r"'engine.precision' is 'fp8'; allowed values: fp32, bf16, fp16"),
         ("engine.zero_stage=3", r"'engine.zero_stage' is 3; allowed values: 0, 1, 2"),
         ("epochs=0", r"'epochs' must be > 0"),
         ("data.crops.global_scale=[0.5,0.1]", r"data.crops.global_scale"),
-        ("optim.lr", r"not key=value"),
+        ("schedule.lr", r"not key=value"),
     ],
 )
 def test_errors_name_the_key(override, match):
@@ -64,11 +64,11 @@ def test_yaml_errors(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["optim.lr=3e-4", "data.urls=[/x/{0..1}.tar]"])
+    cfg = load_config(None, ["schedule.lr=3e-4", "data.urls=[/x/{0..1}.tar]"])
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and config_digest(again) == config_digest(cfg)
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 3e-4
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["schedule"]["lr"] == 3e-4
 
 
 def test_shipped_recipes_load():
@@ -113,9 +113,33 @@ def test_yaml_words_stay_words_for_text_keys_and_booleans_for_boolean_keys():
     assert (cfg.logging.progress, cfg.logging.tensorboard, cfg.checkpoint.resume) == ("off", False, True)
 
 
-@pytest.mark.parametrize("override, key", [("optim.lr=-1", "optim.lr"), ("data.crops.n_local=-1", "data.crops.n_local"),
-                                           ("dino.momentum_teacher=1.5", "dino.momentum_teacher"),
+@pytest.mark.parametrize("override, key", [("schedule.lr=-1", "schedule.lr"), ("data.crops.n_local=-1", "data.crops.n_local"),
+                                           ("schedule.momentum_teacher=1.5", "schedule.momentum_teacher"),
                                            ("data.crops.global_size=0", "data.crops.global_size")])
 def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_keys_moved_into_the_schedule_section_still_load_under_their_old_names(tmp_path, caplog):
+    # optim.lr, dino.momentum_teacher, ... moved to schedule.*: old recipes, overrides and runs keep working
+    old = tmp_path / "old.yaml"
+    old.write_text("optim:\n  lr: 0.002\n  clip_grad: 1.0\ndino:\n  momentum_teacher: 0.99\n  koleo_weight: 0.1\n")
+    cfg = load_config(old, ["dino.teacher_temp=0.07"])
+    assert (cfg.schedule.lr, cfg.schedule.momentum_teacher, cfg.schedule.teacher_temp) == (0.002, 0.99, 0.07)
+    assert (cfg.optim.clip_grad, cfg.dino.koleo_weight) == (1.0, 0.1)
+    assert "'optim.lr' is now 'schedule.lr'" in caplog.text and "'dino.teacher_temp' is now 'schedule.teacher_temp'" in caplog.text
+    assert load_config(None, ["checkpoint.allow_changes=[optim.lr]"]).checkpoint.allow_changes == ["schedule.lr"]
+    with pytest.raises(ConfigError, match=r"'optim.lr' and 'schedule.lr' are both set"):
+        load_config({"optim": {"lr": 1.0}, "schedule": {"lr": 2.0}})
+
+
+def test_a_config_saved_with_the_old_names_has_no_changes():
+    from ssl_container.config import config_changes, config_to_dict
+
+    cfg = load_config(None, ["schedule.lr=0.002"])
+    saved = config_to_dict(cfg)
+    saved["optim"]["lr"] = saved["schedule"].pop("lr")  # as an older version wrote config.yaml
+    assert config_changes(saved, cfg) == []
+    saved["optim"]["lr"] = 0.001
+    assert config_changes(saved, cfg) == [("schedule.lr", 0.001, 0.002)]

@@ -57,7 +57,7 @@ def test_forced_uniform_collapse_is_named_with_its_fix():
     loss_fn, monitor = DINOLoss(k, 4), CollapseMonitor(k, patience=5)
     warnings = _feed(monitor, loss_fn, lambda: torch.zeros(16, k), 12)  # every logit equal: uniform
     assert len(warnings) == 1  # once, not every step
-    assert "uniform" in warnings[0] and "dino.teacher_temp" in warnings[0] and "step 5" in warnings[0]
+    assert "uniform" in warnings[0] and "schedule.teacher_temp" in warnings[0] and "step 5" in warnings[0]
 
 
 def test_forced_one_hot_collapse_is_named_with_its_fix():

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ssl_container.dino import (
+    ScheduleConfig,
     DINOHead,
     DINOSchedules,
     MultiCropWrapper,
@@ -50,9 +51,7 @@ def test_cosine_scheduler_without_warmup_and_midpoint() -> None:
 
 
 def _official(**kw: object) -> DINOSchedules:
-    base = dict(epochs=100, niter_per_ep=10, total_batch_size=1024)
-    base.update(kw)
-    return DINOSchedules(**base)  # type: ignore[arg-type]
+    return DINOSchedules(epochs=100, niter_per_ep=10, total_batch_size=1024, config=ScheduleConfig(**kw))  # type: ignore[arg-type]
 
 
 def test_dino_schedules_official_endpoints() -> None:
@@ -79,7 +78,7 @@ def test_dino_schedules_official_endpoints() -> None:
 
 
 def test_teacher_temperature_warmup_boost_recipe() -> None:
-    s = _official(warmup_teacher_temp=0.04, teacher_temp_end=0.07, warmup_teacher_temp_epochs=30)
+    s = _official(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30)
     assert s.teacher_temp(0) == pytest.approx(0.04)
     assert s.teacher_temp(150) == pytest.approx(0.055)  # halfway through 300 warm-up its
     assert s.teacher_temp(300) == pytest.approx(0.07)
@@ -87,7 +86,7 @@ def test_teacher_temperature_warmup_boost_recipe() -> None:
 
 
 def test_dataclass_matches_array_form() -> None:
-    s = DINOSchedules(epochs=5, niter_per_ep=3, total_batch_size=512, warmup_epochs=2)
+    s = DINOSchedules(epochs=5, niter_per_ep=3, total_batch_size=512, config=ScheduleConfig(warmup_epochs=2))
     arrays = s.as_arrays()
     np.testing.assert_allclose(
         arrays["lr"], cosine_scheduler(5e-4 * 2, 1e-6, 5, 3, warmup_epochs=2), rtol=1e-12
@@ -101,14 +100,14 @@ def test_schedule_validation_lists_problems() -> None:
     with pytest.raises(ValueError, match="warmup_epochs"):
         DINOSchedules(epochs=5, niter_per_ep=3, total_batch_size=64)  # default warm-up 10
     with pytest.raises(ValueError, match="niter_per_ep"):
-        DINOSchedules(epochs=5, niter_per_ep=0, total_batch_size=64, warmup_epochs=0)
+        DINOSchedules(epochs=5, niter_per_ep=0, total_batch_size=64, config=ScheduleConfig(warmup_epochs=0))
 
 
 def test_last_layer_frozen_during_first_epoch() -> None:
-    s = DINOSchedules(epochs=3, niter_per_ep=4, total_batch_size=64, warmup_epochs=0)
+    s = DINOSchedules(epochs=3, niter_per_ep=4, total_batch_size=64, config=ScheduleConfig(warmup_epochs=0))
     assert [s.last_layer_frozen(i) for i in (0, 3, 4, 11)] == [True, True, False, False]
-    s0 = DINOSchedules(epochs=3, niter_per_ep=4, total_batch_size=64, warmup_epochs=0,
-                       freeze_last_layer=0)
+    s0 = DINOSchedules(epochs=3, niter_per_ep=4, total_batch_size=64,
+                       config=ScheduleConfig(warmup_epochs=0, freeze_last_layer=0))
     assert not s0.last_layer_frozen(0)
 
 
@@ -196,7 +195,7 @@ def test_apply_lr_wd_freezes_last_layer_in_first_epoch_with_adamw() -> None:
 def test_schedules_apply_sets_values_for_an_iteration() -> None:
     model = _student()
     opt = torch.optim.AdamW(get_param_groups(model))
-    s = DINOSchedules(epochs=4, niter_per_ep=5, total_batch_size=256, warmup_epochs=1)
+    s = DINOSchedules(epochs=4, niter_per_ep=5, total_batch_size=256, config=ScheduleConfig(warmup_epochs=1))
     values = s.apply(opt, 5)  # first iteration of epoch 1: warm-up done, layer unfrozen
     assert values["lr"] == pytest.approx(5e-4)
     assert {g["lr"] for g in opt.param_groups} == {values["lr"]}

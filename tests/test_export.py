@@ -54,7 +54,7 @@ def make_run(root: Path, kwargs=TINY, step: int = 10, with_latest: bool = True, 
     step_dir.mkdir(parents=True)
     (run / "config.yaml").write_text(
         "model:\n  name: container_light\n  kwargs:\n"
-        + "".join(f"    {k}: {list(v)}\n" for k, v in kwargs.items()) + "optim:\n  lr: 0.0005\n"
+        + "".join(f"    {k}: {list(v)}\n" for k, v in kwargs.items()) + "schedule:\n  lr: 0.0005\n"
     )
     nets = {}
     for i, which in enumerate(networks):

@@ -26,7 +26,7 @@ DATA = REPO.parent / "shared" / "data" / "imagenette"
 def tiny_overrides(run_dir: Path, max_steps: int = 8) -> list[str]:
     return [f"run_dir={run_dir}", f"data.urls=[{DATA}/train-{{000000..000009}}.tar]", "data.batch_size=4",
             "data.num_workers=1", "data.crops.global_size=64", "data.crops.local_size=32", "data.crops.n_local=2",
-            "head.out_dim=256", "head.hidden_dim=128", "head.bottleneck_dim=64", "epochs=2", "optim.warmup_epochs=0",
+            "head.out_dim=256", "head.hidden_dim=128", "head.bottleneck_dim=64", "epochs=2", "schedule.warmup_epochs=0",
             "engine.precision=fp32", "data.samples_per_epoch=20", "logging.tensorboard=false",
             "model.kwargs={embed_dims: [16,32,64,128], depths: [1,1,1,1]}", f"max_steps={max_steps}",
             "checkpoint.every_steps=2"]
@@ -71,7 +71,7 @@ def test_dry_run_prints_the_sbatch_script(tmp_path, capsys):
                  "--account", "vision", "--qos", "high", "--constraint", "a100", "--exclude", "node[01-02]",
                  "--time", "2-00:00:00", "--comment", "dino", "--signal-delay-s", "180", "--sbatch", "exclusive",
                  "--sbatch", "mail-type=END", "--setup", "module load cuda", "--env", "NCCL_DEBUG=WARN",
-                 f"run_dir={run}", "optim.lr=1e-4", "--dry-run"])
+                 f"run_dir={run}", "schedule.lr=1e-4", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
@@ -93,6 +93,29 @@ def test_dry_run_through_the_ssl_container_cli(tmp_path, capsys):
     assert "#SBATCH --ntasks-per-node=2" in out and "#SBATCH --cpus-per-task=9" in out  # data.num_workers + 1
 
 
+def test_dry_run_lists_changes_against_the_config_the_checkpoint_was_trained_with(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from ssl_container.config import config_to_dict, load_config
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    trained = config_to_dict(load_config(None, [f"run_dir={run}", "schedule.lr=1e-4"]))
+    trained["optim"]["lr"] = trained["schedule"].pop("lr")  # as an older version recorded it
+    (step / "meta.json").write_text(json.dumps({"step": 10, "config": trained}))
+    (run / "checkpoints" / "latest").write_text("step_00000010")
+    # a submission rewrote config.yaml: it is not what the checkpoint was trained with
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(load_config(None, [f"run_dir={run}", "schedule.lr=9e-4"]))))
+    assert S.main([f"run_dir={run}", "schedule.lr=2e-4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "resumes from it" in out and f"({step / 'meta.json'})" in out and "schedule.lr: 0.0001 -> 0.0002" in out
+    assert S.main([f"run_dir={run}", "schedule.lr=1e-4", "--dry-run"]) == 0
+    assert "schedule.lr" not in capsys.readouterr().out
+
+
 def test_bad_override_fails_before_submission(tmp_path, capsys):
     rc = S.main([f"run_dir={tmp_path / 'r'}", "optim.lrr=1", "--dry-run"])
     err = capsys.readouterr().err
@@ -110,22 +133,22 @@ def test_slurm_needs_srun_or_says_what_to_do(tmp_path, monkeypatch, capsys):
 
 
 def test_sweep_members_grid_and_entries(tmp_path):
-    assert S.sweep_members(grid=["optim.lr=1e-4,2e-4", "seed=0,1"]) == [
-        ["optim.lr=1e-4", "seed=0"], ["optim.lr=1e-4", "seed=1"], ["optim.lr=2e-4", "seed=0"], ["optim.lr=2e-4", "seed=1"]]
-    assert S.sweep_members(sweep=["seed=3 epochs=5"], grid=["optim.lr=1,2"]) == [
-        ["seed=3", "epochs=5", "optim.lr=1"], ["seed=3", "epochs=5", "optim.lr=2"]]
+    assert S.sweep_members(grid=["schedule.lr=1e-4,2e-4", "seed=0,1"]) == [
+        ["schedule.lr=1e-4", "seed=0"], ["schedule.lr=1e-4", "seed=1"], ["schedule.lr=2e-4", "seed=0"], ["schedule.lr=2e-4", "seed=1"]]
+    assert S.sweep_members(sweep=["seed=3 epochs=5"], grid=["schedule.lr=1,2"]) == [
+        ["seed=3", "epochs=5", "schedule.lr=1"], ["seed=3", "epochs=5", "schedule.lr=2"]]
     # brace patterns and lists keep their commas
     assert S.sweep_members(grid=["data.urls=[a-{0..1}.tar,b.tar],c-{0,1}.tar"]) == [
         ["data.urls=[a-{0..1}.tar,b.tar]"], ["data.urls=c-{0,1}.tar"]]
     f = tmp_path / "sweep.yaml"
-    f.write_text("- {optim.lr: 0.001, data.urls: [x.tar, y.tar]}\n- [seed=2]\n- 'seed=4 epochs=3'\n")
-    assert S.sweep_members(sweep_file=f) == [["optim.lr=0.001", "data.urls=[x.tar,y.tar]"], ["seed=2"],
+    f.write_text("- {schedule.lr: 0.001, data.urls: [x.tar, y.tar]}\n- [seed=2]\n- 'seed=4 epochs=3'\n")
+    assert S.sweep_members(sweep_file=f) == [["schedule.lr=0.001", "data.urls=[x.tar,y.tar]"], ["seed=2"],
                                              ["seed=4", "epochs=3"]]
     assert S.sweep_members() == []
 
 
 def test_sweep_dry_run_is_one_array(tmp_path, capsys):
-    rc = S.main([f"run_dir={tmp_path / 'sw'}", "--grid", "optim.lr=1e-4,2e-4", "--cpus-per-task", "1", "--dry-run"])
+    rc = S.main([f"run_dir={tmp_path / 'sw'}", "--grid", "schedule.lr=1e-4,2e-4", "--cpus-per-task", "1", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "#SBATCH --array=0-1%2" in out and "%A_%a" in out

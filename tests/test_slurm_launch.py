@@ -38,7 +38,7 @@ def tiny(run_dir: Path, max_steps: int = STEPS, urls: str | None = None) -> list
     urls = urls or f"{DATA}/train-{{000000..000009}}.tar"
     return [f"run_dir={run_dir}", f"data.urls=[{urls}]", "data.batch_size=4", "data.num_workers=1",
             "data.crops.global_size=64", "data.crops.local_size=32", "data.crops.n_local=2", "head.out_dim=256",
-            "head.hidden_dim=128", "head.bottleneck_dim=64", "epochs=2", "optim.warmup_epochs=0",
+            "head.hidden_dim=128", "head.bottleneck_dim=64", "epochs=2", "schedule.warmup_epochs=0",
             "engine.precision=fp32", "data.samples_per_epoch=20", "logging.tensorboard=false",
             "model.kwargs={embed_dims: [16,32,64,128], depths: [1,1,1,1]}", f"max_steps={max_steps}",
             "checkpoint.every_steps=2"]

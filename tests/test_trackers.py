@@ -94,7 +94,7 @@ def test_training_logs_config_metrics_and_curves_to_mlflow_and_wandb(tmp_path):
     exp = client.get_experiment_by_name("trackers-test")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "run" and run.info.status == "FINISHED"
-    assert run.data.params["optim.lr"] == "0.0005" and run.data.params["data.batch_size"] == "4"
+    assert run.data.params["schedule.lr"] == "0.0005" and run.data.params["data.batch_size"] == "4"
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train.loss")}
     assert history == pytest.approx(losses, rel=1e-6)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"training_curves.png", "summary.json"}
@@ -112,7 +112,7 @@ def test_training_logs_config_metrics_and_curves_to_mlflow_and_wandb(tmp_path):
         elif kind == "files":
             files |= {Path(f.path).name for f in rec.files.files}
     assert rows == pytest.approx(losses, rel=1e-6)
-    assert config["optim.lr"] == 0.0005 and config["model.name"] == "container_light"
+    assert config["schedule.lr"] == 0.0005 and config["model.name"] == "container_light"
     assert {"training_curves.png", "summary.json"} <= files
 
 

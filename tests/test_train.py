@@ -26,7 +26,7 @@ TINY = [
     f"data.urls=[{SHARDS}/train-{{000000..000009}}.tar]",
     "data.batch_size=4", "data.num_workers=1", "data.crops.global_size=64", "data.crops.local_size=32",
     "data.crops.n_local=2", "data.samples_per_epoch=24", "head.out_dim=256", "head.hidden_dim=128",
-    "head.bottleneck_dim=64", "epochs=2", "optim.warmup_epochs=0", "engine.precision=fp32",
+    "head.bottleneck_dim=64", "epochs=2", "schedule.warmup_epochs=0", "engine.precision=fp32",
     "logging.tensorboard=false", "model.kwargs={embed_dims: [16,32,64,128], depths: [1,1,1,1]}",
 ]
 
@@ -144,7 +144,7 @@ def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(tmp_path):
     proc = _run(stop, "max_steps=8", "max_nonfinite=3", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
                 env=_env(SSL_CONTAINER_FAULT_NAN_STEPS="2,3,4"), check=False)
     assert proc.returncode != 0
-    assert "3 consecutive non-finite losses" in proc.stderr and "optim.lr" in proc.stderr
+    assert "3 consecutive non-finite losses" in proc.stderr and "schedule.lr" in proc.stderr
     # the checkpoint written at the stop holds the weights of the last good step (2): skipped
     # steps change neither the teacher nor the student
     good, stopped = _teacher(stop, 2), _teacher(stop, 5)
@@ -184,9 +184,9 @@ print(losses[0], min(losses[-5:]), kls[0], min(kls[-5:]), min(used))
 
 def test_loss_falls_when_overfitting_a_fixed_batch(tmp_path):
     # A constant lr of 1e-3 (8 images: 0.032 per 256) and teacher momentum 0.9 over a long schedule.
-    fixed = ["data.batch_size=8", "optim.lr=0.032", "optim.min_lr=0.001", "dino.momentum_teacher=0.9", "epochs=1000",
-             "dino.warmup_teacher_temp=0.04", "dino.teacher_temp=0.04", "optim.weight_decay=0.0",
-             "optim.weight_decay_end=0.0", f"run_dir={tmp_path / 'run'}", "checkpoint.resume=false"]
+    fixed = ["data.batch_size=8", "schedule.lr=0.032", "schedule.min_lr=0.001", "schedule.momentum_teacher=0.9", "epochs=1000",
+             "schedule.warmup_teacher_temp=0.04", "schedule.teacher_temp=0.04", "schedule.weight_decay=0.0",
+             "schedule.weight_decay_end=0.0", f"run_dir={tmp_path / 'run'}", "checkpoint.resume=false"]
     proc = subprocess.run([sys.executable, "-c", OVERFIT, *TINY, *fixed], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,13 +201,13 @@ def test_loss_falls_when_overfitting_a_fixed_batch(tmp_path):
 def test_collapse_diagnostics_logged_and_forced_uniform_collapse_warned(tmp_path):
     run = tmp_path / "run"
     # A teacher temperature of 100 flattens every teacher output: the uniform collapse, forced.
-    proc = _run(run, "epochs=4", "max_steps=21", "checkpoint.every_steps=100", "dino.teacher_temp=100",
-                "dino.warmup_teacher_temp=100")
+    proc = _run(run, "epochs=4", "max_steps=21", "checkpoint.every_steps=100", "schedule.teacher_temp=100",
+                "schedule.warmup_teacher_temp=100")
     records = read_metrics(run / "metrics.jsonl")
     for key in ("teacher_entropy", "kl", "prototypes_used"):
         assert all(isinstance(r[key], float) for r in records), key
     assert records[-1]["teacher_entropy"] > 0.99 * math.log(256)
-    assert "collapsing to the uniform distribution" in proc.stderr and "dino.teacher_temp" in proc.stderr
+    assert "collapsing to the uniform distribution" in proc.stderr and "schedule.teacher_temp" in proc.stderr
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
     assert [e["step"] for e in events if e["event"] == "collapse_warning"] == [20]
 

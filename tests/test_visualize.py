@@ -133,7 +133,7 @@ for argv in (["--help"], ["train", "--help"], ["demo", "--help"], ["export", "--
         except SystemExit as e:
             assert e.code == 0, (argv, e.code)
 with contextlib.redirect_stdout(io.StringIO()) as out:
-    assert main(["train", "--config", "configs/demo.yaml", "--print-config", "optim.lr=0.01"]) == 0
+    assert main(["train", "--config", "configs/demo.yaml", "--print-config", "schedule.lr=0.01"]) == 0
 assert "lr: 0.01" in out.getvalue()
 heavy = sorted(m for m in ("torch", "timm", "deepspeed", "numpy") if m in sys.modules)
 print("heavy:", heavy)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ssl_container.checks import check_fields
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalTransformConfig", "MultiCropConfig", "TrainDataConfig"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,15 +50,15 @@ class MultiCropConfig:
         for name in ("global_scale", "local_scale", "ratio", "jitter", "global_blur_p", "global_solarize_p",
                      "blur_sigma", "mean", "std"):
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
-        if self.n_global < 1 or self.n_local < 0:
-            raise ValueError(f"data.crops.n_global must be >= 1 and data.crops.n_local >= 0, got {self.n_global}, "
-                             f"{self.n_local}")
+        check_fields(self, "data.crops", positive=("n_global", "global_size", "local_size"), non_negative=("n_local",),
+                     choices={"interpolation": ("bicubic", "bilinear")})
         for name in ("global_scale", "local_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"data.crops.{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
-        if self.interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"data.crops.interpolation must be bicubic or bilinear, got {self.interpolation!r}")
+            if len(getattr(self, name)) != 2 or not 0 < getattr(self, name)[0] <= getattr(self, name)[1] <= 1:
+                raise ValueError(f"config key 'data.crops.{name}' must be [low, high] with 0 < low <= high <= 1, "
+                                 f"got {list(getattr(self, name))}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"config key 'data.crops.blur_sigma' must be [low, high] with 0 < low <= high, "
+                             f"got {list(self.blur_sigma)}")
 
     @property
     def n_crops(self) -> int:
@@ -107,9 +109,8 @@ class TrainDataConfig:
             self.urls = [self.urls]
         if isinstance(self.crops, dict):
             self.crops = MultiCropConfig(**self.crops)
-        if self.augment_on not in ("cpu", "device"):
-            raise ValueError(f"data.augment_on must be 'cpu' or 'device', got {self.augment_on!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        check_fields(self, "data", positive=("batch_size", "samples_per_epoch"), non_negative=("num_workers",),
+                     unit=("max_bad_fraction",), choices={"augment_on": ("cpu", "device")})
+        if self.weights is not None and len(self.weights) != len(self.urls):
+            raise ValueError(f"config key 'data.weights' has {len(self.weights)} entries for {len(self.urls)} "
+                             "data.urls: give one weight per source, or drop data.weights")

@@ -2,39 +2,37 @@
 
 Knows tensors and ``nn.Module``s only -- no data pipeline, engine or launcher -- so the trainer,
 tests and benchmarks can use it alike. ``loss.py`` is the one place that touches
-``torch.distributed`` (the center and Sinkhorn-Knopp sums span all ranks).
+``torch.distributed`` (the center and Sinkhorn-Knopp sums span all ranks). Names load on first use:
+``dino.config`` is torch-free and the command line reads it; the rest imports torch.
 """
+import importlib
 
-from .diagnostics import CollapseMonitor, collapse_stats
-from .koleo import koleo_loss
-from .head import DINOHead, is_last_layer_parameter_name
-from .loss import DINOLoss, sinkhorn_knopp
-from .multicrop import MultiCropWrapper, group_crops_by_resolution
-from .schedules import (
-    DINOSchedules,
-    apply_lr_wd,
-    cosine_scheduler,
-    describe_groups,
-    cosine_value,
-    get_param_groups,
-    linear_warmup_value,
-)
+_WHERE = {
+    "CollapseMonitor": "diagnostics",
+    "collapse_stats": "diagnostics",
+    "DinoConfig": "config",
+    "HeadConfig": "config",
+    "ScheduleConfig": "config",
+    "DINOHead": "head",
+    "is_last_layer_parameter_name": "head",
+    "DINOLoss": "loss",
+    "sinkhorn_knopp": "loss",
+    "koleo_loss": "koleo",
+    "MultiCropWrapper": "multicrop",
+    "group_crops_by_resolution": "multicrop",
+    "DINOSchedules": "schedules",
+    "apply_lr_wd": "schedules",
+    "cosine_scheduler": "schedules",
+    "cosine_value": "schedules",
+    "describe_groups": "schedules",
+    "get_param_groups": "schedules",
+    "linear_warmup_value": "schedules",
+}
 
-__all__ = [
-    "CollapseMonitor",
-    "collapse_stats",
-    "DINOHead",
-    "DINOLoss",
-    "DINOSchedules",
-    "MultiCropWrapper",
-    "apply_lr_wd",
-    "cosine_scheduler",
-    "cosine_value",
-    "describe_groups",
-    "get_param_groups",
-    "group_crops_by_resolution",
-    "is_last_layer_parameter_name",
-    "koleo_loss",
-    "linear_warmup_value",
-    "sinkhorn_knopp",
-]
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"ssl_container.dino.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'ssl_container.dino' has no attribute {name!r}")

@@ -77,8 +77,8 @@ class CollapseMonitor:
                 f"step {step}: the run is collapsing to the uniform distribution: teacher entropy {entropy:.3f} "
                 f"is {entropy / max_entropy:.0%} of its maximum ln K = {max_entropy:.3f} for {self.patience} steps, "
                 f"KL {stats.get('kl', float('nan')):.4f}. Centering is stronger than sharpening. Fix: lower "
-                "dino.teacher_temp (and dino.warmup_teacher_temp), shorten dino.warmup_teacher_temp_epochs, "
-                "or lower optim.lr / raise optim.warmup_epochs."
+                "schedule.teacher_temp (and schedule.warmup_teacher_temp), shorten schedule.warmup_teacher_temp_epochs, "
+                "or lower schedule.lr / raise schedule.warmup_epochs."
             )
         if self._onehot_run >= self.patience and "one-hot" not in self._warned:
             self._warned += ("one-hot",)
@@ -86,7 +86,7 @@ class CollapseMonitor:
                 f"step {step}: the run is collapsing to one prototype: only {used:.1%} of the possible prototypes "
                 f"are chosen by the teacher in a batch for {self.patience} steps (entropy {entropy:.3f}). "
                 "Sharpening is stronger than centering. Fix: use dino.sinkhorn_knopp=true, lower "
-                "dino.center_momentum (a faster center), raise dino.teacher_temp, lower optim.lr, or add "
+                "dino.center_momentum (a faster center), raise schedule.teacher_temp, lower schedule.lr, or add "
                 "dino.koleo_weight=0.1."
             )
         return None

@@ -25,12 +25,13 @@ its groups lr 0 -- not by editing gradients, which an engine such as DeepSpeed o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 from torch import nn
 
+from .config import ScheduleConfig
 from .head import DINOHead
 
 __all__ = [
@@ -110,48 +111,24 @@ def cosine_scheduler(
 class DINOSchedules:
     """All four DINO schedules, evaluated at a global iteration.
 
-    Defaults are the official ViT-S/16 recipe except ``epochs``, ``niter_per_ep`` and
-    ``total_batch_size``, which depend on the run. ``total_batch_size`` is the batch summed over
-    all ranks (and gradient-accumulation steps): the peak lr is ``base_lr * total_batch_size /
-    lr_reference_batch`` (linear scaling); ``min_lr`` is *not* scaled, as in DINO.
+    ``config`` is the run config's ``schedule`` section (defaults: the official ViT-S/16 recipe);
+    ``epochs``, ``niter_per_ep`` and ``total_batch_size`` come from the run. ``total_batch_size``
+    is the batch summed over all ranks (and gradient-accumulation steps).
     """
 
     epochs: int
     niter_per_ep: int
     total_batch_size: int
-    base_lr: float = 5e-4
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    lr_reference_batch: int = 256
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    momentum_teacher: float = 0.996
-    momentum_teacher_end: float = 1.0
-    warmup_teacher_temp: float = 0.04
-    teacher_temp_end: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    freeze_last_layer: int = 1
+    config: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.epochs <= 0:
-            problems.append(f"epochs must be > 0 (got {self.epochs})")
-        if self.niter_per_ep <= 0:
-            problems.append(f"niter_per_ep must be > 0 (got {self.niter_per_ep})")
-        if self.total_batch_size <= 0:
-            problems.append(f"total_batch_size must be > 0 (got {self.total_batch_size})")
-        if self.lr_reference_batch <= 0:
-            problems.append(f"lr_reference_batch must be > 0 (got {self.lr_reference_batch})")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            problems.append(f"warmup_epochs must be in [0, epochs={self.epochs}] "
-                            f"(got {self.warmup_epochs})")
-        if not 0 <= self.warmup_teacher_temp_epochs <= self.epochs:
-            problems.append(f"warmup_teacher_temp_epochs must be in [0, epochs={self.epochs}] "
-                            f"(got {self.warmup_teacher_temp_epochs})")
-        if self.warmup_teacher_temp <= 0 or self.teacher_temp_end <= 0:
-            problems.append("teacher temperatures must be > 0")
-        if self.freeze_last_layer < 0:
-            problems.append(f"freeze_last_layer must be >= 0 (got {self.freeze_last_layer})")
+        c, problems = self.config, []
+        for name in ("epochs", "niter_per_ep", "total_batch_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+            if getattr(c, name) > self.epochs:
+                problems.append(f"schedule.{name} ({getattr(c, name)}) exceeds epochs ({self.epochs})")
         if problems:
             raise ValueError("invalid DINO schedule: " + "; ".join(problems))
 
@@ -162,36 +139,36 @@ class DINOSchedules:
     @property
     def peak_lr(self) -> float:
         """The lr at the end of warm-up, after linear batch-size scaling."""
-        return self.base_lr * self.total_batch_size / self.lr_reference_batch
+        return self.config.lr * self.total_batch_size / self.config.lr_reference_batch
 
     def epoch(self, it: int) -> int:
         """The (0-based) epoch that global iteration ``it`` falls in."""
         return it // self.niter_per_ep
 
     def lr(self, it: int) -> float:
-        return cosine_value(it, self.peak_lr, self.min_lr, self.total_iters,
-                            self.warmup_epochs * self.niter_per_ep, 0.0)
+        return cosine_value(it, self.peak_lr, self.config.min_lr, self.total_iters,
+                            self.config.warmup_epochs * self.niter_per_ep, 0.0)
 
     def wd(self, it: int) -> float:
-        return cosine_value(it, self.weight_decay, self.weight_decay_end, self.total_iters)
+        return cosine_value(it, self.config.weight_decay, self.config.weight_decay_end, self.total_iters)
 
     def momentum(self, it: int) -> float:
         """Teacher EMA momentum: ``teacher = m * teacher + (1 - m) * student``."""
-        return cosine_value(it, self.momentum_teacher, self.momentum_teacher_end, self.total_iters)
+        return cosine_value(it, self.config.momentum_teacher, self.config.momentum_teacher_end, self.total_iters)
 
     def teacher_temp(self, it: int) -> float:
-        return linear_warmup_value(it, self.warmup_teacher_temp, self.teacher_temp_end,
-                                   self.warmup_teacher_temp_epochs * self.niter_per_ep)
+        return linear_warmup_value(it, self.config.warmup_teacher_temp, self.config.teacher_temp,
+                                   self.config.warmup_teacher_temp_epochs * self.niter_per_ep)
 
     def last_layer_frozen(self, it: int) -> bool:
         """Whether the prototype layer gets lr 0 at this iteration (DINO: the first epoch)."""
-        return self.epoch(it) < self.freeze_last_layer
+        return self.epoch(it) < self.config.freeze_last_layer
 
     def apply(self, optimizer_or_groups: Any, it: int) -> dict[str, float]:
         """Set lr / weight decay of every group for iteration ``it``; return the values used."""
         lr, wd = self.lr(it), self.wd(it)
         apply_lr_wd(optimizer_or_groups, lr=lr, wd=wd, epoch=self.epoch(it),
-                    freeze_last_layer=self.freeze_last_layer)
+                    freeze_last_layer=self.config.freeze_last_layer)
         return {"lr": lr, "wd": wd}
 
     def as_arrays(self) -> dict[str, np.ndarray]:
