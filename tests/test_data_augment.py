@@ -28,7 +28,7 @@ from ssl_container.data.augment import (
     sample_crop_box,
     sample_multicrop_params,
 )
-from ssl_container.data.testing import real_jpegs, synthetic_jpeg
+from shard_fixtures import real_jpegs, synthetic_jpeg
 
 
 def _rate_ok(hits: int, n: int, p: float) -> bool:

@@ -19,7 +19,7 @@ from ssl_container.data import (
 )
 from ssl_container.data.augment import BadImageError, MultiCropAugment, open_image
 from ssl_container.data.sources import BadDataCounter, iter_tar_samples
-from ssl_container.data.testing import synthetic_jpeg, write_tar
+from shard_fixtures import synthetic_jpeg, write_tar
 
 CROPS = MultiCropConfig(global_size=16, local_size=8, n_local=2)
 

@@ -18,7 +18,7 @@ from ssl_container.data.augment import (
     sample_multicrop_params,
 )
 from ssl_container.data.gpu_augment import GpuMultiCrop, hsv_to_rgb, rgb_to_hsv
-from ssl_container.data.testing import real_jpegs, synthetic_jpeg
+from shard_fixtures import real_jpegs, synthetic_jpeg
 
 SMALL = dict(global_size=32, local_size=16, n_local=4)
 NODRAFT = dict(SMALL, draft=False)  # parameters in full-image coordinates, for comparisons with PIL crops

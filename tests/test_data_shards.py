@@ -11,7 +11,7 @@ import pytest
 from ssl_container.cli import main
 from ssl_container.data.shards import verify_shards, write_shards
 from ssl_container.data.sources import expand_urls
-from ssl_container.data.testing import real_jpegs, shared_data_dir, synthetic_jpeg
+from shard_fixtures import real_jpegs, shared_data_dir, synthetic_jpeg
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from ssl_container.data import (
     steps_per_epoch,
 )
 from ssl_container.data.stream import shard_order, stream_positions
-from ssl_container.data.testing import shared_data_dir, write_synthetic_shards
+from shard_fixtures import shared_data_dir, write_synthetic_shards
 
 SMALL_CROPS = MultiCropConfig(global_size=32, local_size=16, n_local=4)
 

@@ -1,4 +1,4 @@
-"""Small synthetic and broken shards for tests, demos and benchmarks (no dependency on pytest)."""
+"""Small synthetic and broken shards, real JPEGs from ../shared/data when present: the tests' fixtures."""
 from __future__ import annotations
 
 import io
@@ -16,7 +16,7 @@ from ssl_container.data.shards import sha256_file
 def shared_data_dir() -> Path | None:
     """../shared/data relative to the repository root (or $SSL_CONTAINER_DATA), if present."""
     env = os.environ.get("SSL_CONTAINER_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     return path if path.is_dir() else None
 
 
