@@ -3,7 +3,7 @@
 This package never imports ``ssl_container.models``. Its names load on first use (``data.config``
 is torch-free and the command line reads it; the rest imports torch).
 """
-import importlib
+from ssl_container.lazy import lazy_exports
 
 _WHERE = {
     "BadDataError": "sources",
@@ -18,10 +18,4 @@ _WHERE = {
     "stream_positions": "stream",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"ssl_container.data.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'ssl_container.data' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _WHERE)

@@ -5,7 +5,7 @@ tests and benchmarks can use it alike. ``loss.py`` is the one place that touches
 ``torch.distributed`` (the center and Sinkhorn-Knopp sums span all ranks). Names load on first use:
 ``dino.config`` is torch-free and the command line reads it; the rest imports torch.
 """
-import importlib
+from ssl_container.lazy import lazy_exports
 
 _WHERE = {
     "CollapseMonitor": "diagnostics",
@@ -29,10 +29,4 @@ _WHERE = {
     "linear_warmup_value": "schedules",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"ssl_container.dino.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'ssl_container.dino' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _WHERE)
