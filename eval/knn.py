@@ -6,7 +6,8 @@ each neighbour votes for its class with weight exp(sim / T), T = 0.07; the class
 vote sums are the top-1 / top-5 predictions; k in {10, 20, 100, 200}.
 
 Here the search is an exact flat inner-product search on faiss (``knn_inner_product`` on CPU, the
-same computation as ``IndexFlatIP``; ``bfKnn`` on GPU when faiss sees one): it blocks queries and
+same computation as ``IndexFlatIP``; ``bfKnn`` on GPU when faiss sees one; without faiss, as on an
+offline GPU node, the same exact search in torch, on the GPU when there is one): it blocks queries and
 train features so that the (queries x train) similarity matrix is never materialised, and keeps a
 per-query top-k heap. One search with k = max(ks) serves every k (the top-k of a sorted top-200 list
 are its first k entries).
@@ -59,18 +60,29 @@ DEFAULT_KS = (10, 20, 100, 200)
 
 
 def _faiss():
+    """faiss, or None when it is not installed: then the search is an exact torch search (one log line)."""
+    global _SAID_FALLBACK
     try:
-        import faiss  # noqa: F401
-    except ImportError as exn:  # pragma: no cover - faiss is an extra
-        raise ImportError(
-            "eval.knn needs faiss: pip install 'ssl-container[cpu]' (faiss-cpu) or '[gpu]' (faiss-gpu-cu12)"
-        ) from exn
+        import faiss
+    except ImportError:
+        if not _SAID_FALLBACK:
+            log.warning("faiss is not installed: k-NN uses an exact torch search (on %s) instead; pip install "
+                        "'ssl-container[cpu]' or '[gpu]' for faiss", "cuda" if torch.cuda.is_available() else "cpu")
+            _SAID_FALLBACK = True
+        return None
     return faiss
 
 
+_SAID_FALLBACK = False
+
+
 def gpu_available() -> bool:
+    """A GPU the search can use: faiss's when faiss is there, torch's for the fallback."""
+    faiss = _faiss()
+    if faiss is None:
+        return torch.cuda.is_available()
     try:
-        return _faiss().get_num_gpus() > 0
+        return faiss.get_num_gpus() > 0
     except Exception:  # pragma: no cover - broken GPU runtime: fall back to CPU
         return False
 
@@ -81,11 +93,38 @@ def _resolve_gpu(use_gpu: bool | str) -> bool:
     if isinstance(use_gpu, str):
         use_gpu = use_gpu.lower() in ("1", "yes", "true", "gpu")
     if use_gpu and not gpu_available():
-        raise RuntimeError("use_gpu=True but faiss sees no GPU (install faiss-gpu-cu12, not faiss-cpu)")
+        raise RuntimeError("use_gpu=True but no GPU is usable for the search (with faiss: install faiss-gpu-cu12, "
+                           "not faiss-cpu)")
     return bool(use_gpu)
 
 
+def search_backend(gpu: bool) -> str:
+    """What searches: faiss-gpu, faiss-cpu, torch-cuda or torch-cpu."""
+    if _faiss() is None:
+        return "torch-cuda" if gpu else "torch-cpu"
+    return "faiss-gpu" if gpu else "faiss-cpu"
+
+
 _GPU_RES = None
+# Similarity entries per block of the torch search (x4 bytes): bounds its memory whatever the sizes.
+_TORCH_BLOCK = 1 << 26
+
+
+def _torch_ip_search(queries: np.ndarray, base: np.ndarray, k: int, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner product with torch (matmul + topk), train rows in blocks, merged as it goes."""
+    device = torch.device("cuda" if gpu else "cpu")
+    q = torch.from_numpy(queries).to(device)
+    rows = max(k, _TORCH_BLOCK // max(1, len(queries)))
+    best_s = best_i = None
+    for start in range(0, base.shape[0], rows):
+        block = torch.from_numpy(np.ascontiguousarray(base[start:start + rows])).to(device)
+        s, i = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
+        i = i + start
+        if best_s is not None:
+            s, order = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
+            i = torch.cat([best_i, i], 1).gather(1, order)
+        best_s, best_i = s, i
+    return best_s.float().cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
 
 
 def _flat_ip_search(queries: np.ndarray, base: np.ndarray, k: int, gpu: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +132,9 @@ def _flat_ip_search(queries: np.ndarray, base: np.ndarray, k: int, gpu: bool) ->
     faiss = _faiss()
     n = base.shape[0]
     kk = min(k, n)
-    if gpu:
+    if faiss is None:
+        sims, idx = _torch_ip_search(queries, base, kk, gpu)
+    elif gpu:
         global _GPU_RES
         if _GPU_RES is None:
             _GPU_RES = faiss.StandardGpuResources()
@@ -105,6 +146,31 @@ def _flat_ip_search(queries: np.ndarray, base: np.ndarray, k: int, gpu: bool) ->
         sims = np.concatenate([sims, np.full((sims.shape[0], pad), -np.inf, np.float32)], axis=1)
         idx = np.concatenate([idx, np.full((idx.shape[0], pad), -1, np.int64)], axis=1)
     return sims, idx
+
+
+class _TopK:
+    """The k best (sim, index) per query over several shards: faiss's heaps, or a sort without faiss."""
+
+    def __init__(self, nq: int, k: int) -> None:
+        faiss = _faiss()
+        self.k = k
+        self.heap = faiss.ResultHeap(nq, k, keep_max=True) if faiss is not None else None
+        self.s = self.i = None
+
+    def add(self, s: np.ndarray, i: np.ndarray) -> None:
+        if self.heap is not None:
+            self.heap.add_result(s, i)
+            return
+        if self.s is not None:
+            s, i = np.concatenate([self.s, s], 1), np.concatenate([self.i, i], 1)
+        order = np.argsort(-s, axis=1, kind="stable")[:, :self.k]
+        self.s, self.i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.heap is not None:
+            self.heap.finalize()  # sorted, best first
+            return self.heap.D, self.heap.I
+        return self.s, self.i
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,13 +229,11 @@ def knn_search(queries: np.ndarray | torch.Tensor, train: np.ndarray | torch.Ten
             if n_shards == 1:  # nothing to merge
                 out_s[start:start + len(q)], out_i[start:start + len(q)] = s, i
                 continue
-            if heap is None:  # faiss's per-query min-heaps of the k best so far
-                heap = _faiss().ResultHeap(len(q), k, keep_max=True)
-            heap.add_result(s, np.where(i >= 0, i + offset, -1))
+            if heap is None:  # the per-query k best so far
+                heap = _TopK(len(q), k)
+            heap.add(s, np.where(i >= 0, i + offset, -1))
         if heap is not None:
-            heap.finalize()  # sorted, best first
-            out_s[start:start + len(q)] = heap.D
-            out_i[start:start + len(q)] = heap.I
+            out_s[start:start + len(q)], out_i[start:start + len(q)] = heap.result()
     return out_s, out_i
 
 
@@ -260,7 +324,7 @@ def knn_classify(train_features: np.ndarray | torch.Tensor | ShardedFeatureStore
         preds[k] = p.numpy()
         top1[k], top5[k] = _accuracies(p, test_labels)
     return KnnResult(ks, top1, top5, preds, len(train_labels), len(sims), num_classes, temperature,
-                     time.perf_counter() - t0, {"search": "faiss-gpu" if _resolve_gpu(use_gpu) else "faiss-cpu"})
+                     time.perf_counter() - t0, {"search": search_backend(_resolve_gpu(use_gpu))})
 
 
 def _torch_float(x) -> torch.Tensor:

@@ -73,7 +73,10 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
         "gradient_clipping": float(cfg.optim.clip_grad),
         "zero_optimization": {
             "stage": cfg.engine.zero_stage,
-            # Optimizer states saved so they can be re-partitioned for another number of ranks.
+            # ZeRO-1/2 re-point every parameter into one flat buffer; packed without padding, a
+            # parameter after an odd-sized one starts off a 16-byte boundary and cuDNN's kernels
+            # fault on it ("misaligned address"). Padding each to 16 bytes costs a few bytes a tensor.
+            **({"parameter_alignment": True} if cfg.engine.zero_stage in (1, 2) else {}),
         },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own metrics log; keep DeepSpeed's console quiet
@@ -152,6 +155,7 @@ def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[d
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute on 2
         # cores) that only its inference path uses; training all-reduces go through gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    _check_deepspeed_version(deepspeed.__version__, cfg.engine.zero_stage, device)
     ds_config = build_deepspeed_config(cfg, world_size, device, load_universal)
     optimizer = build_optimizer(cfg, param_groups)
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -162,6 +166,30 @@ def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[d
         # One rank has nothing to average: skip flattening and all-reducing every gradient.
         engine.enable_backward_allreduce = False
     return engine, optimizer, ds_config
+
+
+# The first DeepSpeed with zero_optimization.parameter_alignment (see build_deepspeed_config).
+MIN_DEEPSPEED_ALIGNED = (0, 19, 7)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _check_deepspeed_version(version: str, zero_stage: int, device: torch.device) -> None:
+    """An older DeepSpeed packs ZeRO-1/2 parameters unaligned, and cuDNN faults at the first step on a
+    GPU: refuse before building anything, with the two ways out."""
+    if device.type != "cuda" or zero_stage not in (1, 2) or _version_tuple(version) >= MIN_DEEPSPEED_ALIGNED:
+        return
+    need = ".".join(map(str, MIN_DEEPSPEED_ALIGNED))
+    raise RuntimeError(
+        f"DeepSpeed {version} packs ZeRO-{zero_stage} parameters without alignment, and CUDA kernels fail on them "
+        f"('misaligned address' at the first step). Install DeepSpeed >= {need} (pip install 'deepspeed>={need}'), "
+        "or train with engine.zero_stage=0.")
 
 
 @contextlib.contextmanager

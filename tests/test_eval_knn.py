@@ -199,3 +199,31 @@ def test_trainer_monitor_vote_matches_the_dino_reference():
                               chunk=50)
     assert 30 < ref.top1[20] < 100  # a real separation, not chance
     assert top1 * 100 == pytest.approx(ref.top1[20]) and top5 * 100 == pytest.approx(ref.top5[20])
+
+
+def test_without_faiss_an_exact_torch_search_gives_the_same_neighbours(tmp_path, data, monkeypatch, caplog):
+    """An offline GPU node may have no faiss: the search falls back to torch, says so once, and finds
+    the same neighbours, also over a sharded store (merged without faiss's heaps) and in small blocks."""
+    import sys
+
+    import eval.knn as knn
+
+    xtr, ytr, xte, yte = data
+    with_faiss = knn_classify(xtr, ytr, xte, yte, ks=(10, 20), use_gpu=False)
+    s_ref, i_ref = knn_search(xte, xtr, 20, use_gpu=False)
+    store = ShardedFeatureStore.from_arrays(tmp_path / "store", xtr, ytr, shard_rows=700)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # "import faiss" raises ImportError
+    monkeypatch.setattr(knn, "_SAID_FALLBACK", False)
+    monkeypatch.setattr(knn, "_TORCH_BLOCK", 400 * 256)  # several train blocks per query chunk
+    with caplog.at_level("WARNING", logger="eval.knn"):
+        without = knn_classify(xtr, ytr, xte, yte, ks=(10, 20), use_gpu="auto")
+        s, i = knn_search(xte, xtr, 20, use_gpu=False)
+        s_store, i_store = knn_search(xte, store, 20, use_gpu=False)
+    assert without.extra["search"] == ("torch-cuda" if torch.cuda.is_available() else "torch-cpu")
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "faiss is not installed" in caplog.records[0].message
+    assert without.top1 == with_faiss.top1 and without.top5 == with_faiss.top5
+    # faiss's and torch's sgemm round differently: neighbours at equal similarity may swap places.
+    for sims, idx in ((s, i), (s_store, i_store)):
+        np.testing.assert_allclose(sims, s_ref, rtol=1e-5, atol=1e-6)
+        assert (idx == i_ref).mean() > 0.999, (idx != i_ref).sum()
