@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/performance.md in one command (<= 9 minutes on an H100/H200):
+# Every GPU measurement of docs/performance.md in one command (<= 10 minutes on an H100/H200):
 #
 #   OUT=/path/to/results bash benchmarks/gpu_suite.sh            # on the GPU machine
 #   bash benchmarks/gpu_suite.sh --dry-run                        # the same steps, tiny, on CPU
 #
-# 1. train step: bf16, batch 64, 2x224 + 8x96, the trainer's DeepSpeed step; the official DINO +
-#    Container code beside it when OFFICIAL_DINO / OFFICIAL_CONTAINER name checkouts of them;
+# On a machine without ../shared (an offline GPU node): make the data subset and the wheelhouse here,
+# carry both, and point DATA at the subset:
+#   python benchmarks/gpu_data.py --out .gpu_data/imagenette --train-shards 4 --val-shards 1   # ~38 MiB
+#   python -m launch.wheelhouse --out .whl --python-version 3.12 --skip <what the node has>
+#   DATA=.gpu_data OUT=... bash benchmarks/gpu_suite.sh
+#
+# 0. the gpu tests (pytest -m gpu): every ZeRO stage in bf16, a resume, the device multi-crop, export;
+# 1. train step: bf16, batch 64, 2x224 + 8x96 and 2x128 + 8x64, the trainer's DeepSpeed step, eager and
+#    with its blocks compiled, profiled (host share, kernels and syncs per step, model FLOPs utilisation);
+#    the official DINO + Container code beside it when OFFICIAL_DINO / OFFICIAL_CONTAINER name checkouts;
 # 2. data pipeline: CPU workers, then data.augment_on=device (decode on CPU, crops on the GPU);
-# 3. faiss-gpu k-NN at 1M x 512;
-# 4. Imagenette-128 pretraining of Container-Light for a fixed number of minutes, k-NN at its end.
+# 3. Imagenette-128 pretraining of Container-Light for PRETRAIN_MINUTES (3), k-NN against the floors
+#    (faiss when installed, else the exact torch search on the GPU).
 #
 # Each step has its own time limit and writes JSON lines to $OUT/suite.jsonl (tagged with the step's
 # name under "bench") and its output to $OUT/suite.log; a step that fails or runs out of time is recorded as such
@@ -26,6 +34,7 @@ mkdir -p "$OUT"
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
   local t0=$SECONDS
   echo "=== $name: $*" | tee -a "$OUT/suite.log"
   timeout "$limit" "$@" > "$OUT/$name.out" 2>> "$OUT/suite.log"
@@ -59,7 +68,9 @@ if [ -n "${OFFICIAL_DINO:-}" ] && [ -n "${OFFICIAL_CONTAINER:-}" ]; then
   OFFICIAL=(--official-dino "$OFFICIAL_DINO" --official-container "$OFFICIAL_CONTAINER")
   IMPLS=deepspeed,official
 fi
-SHARDS="$DATA/imagenette/train-{000000..000009}.tar"
+# The training shards named by the data folder's own dataset.json (the full set, or a subset from benchmarks/gpu_data.py).
+SHARDS="$DATA/imagenette/$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['splits']['train']['shards'])" \
+  "$DATA/imagenette/dataset.json" 2>/dev/null || echo 'train-{000000..000009}.tar')"
 
 if [ "$DRY" = 1 ]; then
   step train_step 240 "$PY" benchmarks/train_step.py --device cpu --precision fp32 --batch 2 --global-size 64 \
@@ -72,15 +83,24 @@ if [ "$DRY" = 1 ]; then
   step pretrain 400 "$PY" benchmarks/learning.py --config configs/small_budget.yaml --steps 4 --evals 1 \
     --data "$DATA/imagenette" --max-shards 1 --out "$OUT/pretrain" data.num_workers=1 max_steps=4
 else
-  step train_step 180 "$PY" benchmarks/train_step.py --device cuda --precision bf16 --batch 64 --global-size 224 \
-    --n-local 8 --local-size 96 --steps 10 --warmup 3 --impl "$IMPLS" "${OFFICIAL[@]}"
-  step data_cpu 60 "$PY" benchmarks/data_throughput.py --shards "$SHARDS" --seconds 20 --workers 12 --impl ours \
-    --batch-size 64
-  step data_device 60 "$PY" benchmarks/data_throughput.py --shards "$SHARDS" --seconds 20 --workers 12 --impl device \
-    --device cuda --batch-size 64
-  step knn 120 "$PY" benchmarks/knn.py --scales 1000000 --queries 10000 --dim 512 --threads 16
-  step pretrain 300 "$PY" benchmarks/learning.py --config configs/imagenette.yaml --minutes 3 --evals 1 \
-    --data "$DATA/imagenette" --resolution 128 --out "$OUT/pretrain" data.num_workers=12 engine.device=cuda schedule.warmup_epochs=1 \
-    logging.tensorboard=false monitor.every_epochs=0
+  # What the product runs on a GPU, tests first; each step is bounded. ONLY=a,b runs those steps alone.
+  step gpu_tests 170 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+  B=(--device cuda --precision bf16 --batch 64 --steps 8 --warmup 2 --zero-stage 1)
+  step step224 70 "$PY" benchmarks/train_step.py "${B[@]}" --global-size 224 --n-local 8 --local-size 96 \
+    --impl "$IMPLS" --profile "${OFFICIAL[@]}"
+  step step224_compile 160 "$PY" benchmarks/train_step.py "${B[@]}" --global-size 224 --n-local 8 --local-size 96 \
+    --impl deepspeed --compile --profile
+  step step128 60 "$PY" benchmarks/train_step.py "${B[@]}" --global-size 128 --n-local 8 --local-size 64 \
+    --impl deepspeed --profile
+  step step128_compile 130 "$PY" benchmarks/train_step.py "${B[@]}" --global-size 128 --n-local 8 --local-size 64 \
+    --impl deepspeed --compile --profile
+  step data_cpu 35 "$PY" benchmarks/data_throughput.py --shards "$SHARDS" --seconds 12 --workers 14 --impl ours \
+    --batch-size 64 --global-size 128 --local-size 64
+  step data_device 35 "$PY" benchmarks/data_throughput.py --shards "$SHARDS" --seconds 12 --workers 14 --impl device \
+    --device cuda --batch-size 64 --global-size 128 --local-size 64
+  step pretrain $((${PRETRAIN_SECONDS:-150} + 90)) "$PY" benchmarks/learning.py --config configs/imagenette.yaml \
+    --minutes "$("$PY" -c "print(${PRETRAIN_SECONDS:-150} / 60)")" --evals 2 --data "$DATA/imagenette" --resolution 128 \
+    --out "$OUT/pretrain" "data.urls=[$SHARDS]" data.num_workers=14 engine.device=cuda schedule.warmup_epochs=2 \
+    logging.tensorboard=false monitor.every_epochs=0 ${PRETRAIN_OVERRIDES:-}
 fi
 echo "results: $OUT/suite.jsonl" | tee -a "$OUT/suite.log"

@@ -45,6 +45,10 @@ from ssl_container.models import create_model  # noqa: E402
 from ssl_container.train import data_config  # noqa: E402
 
 
+# The k-NN embeddings run where the training ran: on the GPU when there is one.
+_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="recipe YAML")
@@ -114,7 +118,7 @@ def run_seed(args, seed: int, out: Path, ref, held) -> list[dict]:
     total = min(total, cfg.max_steps or total)
     points = sorted({max(1, round(total * (i + 1) / args.evals)) for i in range(args.evals)})
     torch.manual_seed(seed)
-    random_init = create_model(cfg.model.name, num_classes=0, **cfg.model.kwargs)
+    random_init = create_model(cfg.model.name, num_classes=0, **cfg.model.kwargs).to(_DEVICE)
     rows = []
     for name, r in floors(ref, held, [random_init]).items():
         row = {"kind": "floor", "name": name, "seed": seed, **r}
@@ -127,7 +131,7 @@ def run_seed(args, seed: int, out: Path, ref, held) -> list[dict]:
                                                f"checkpoint.every_steps={step}", "checkpoint.keep_last=1",
                                                "logging.progress=lines", "logging.tensorboard=false"])
         seconds += time.perf_counter() - t0
-        teacher = load_backbone(run_dir, "teacher")
+        teacher = load_backbone(run_dir, "teacher").to(_DEVICE)
         last = read_metrics(run_dir / "metrics.jsonl")[-1]  # step records only, the last of each step
         row = {"kind": "point", "seed": seed, "step": summary["steps"], "total_steps": total,
                "images_seen": summary["steps"] * cfg.data.batch_size * cfg.engine.grad_accum_steps,

@@ -65,6 +65,7 @@ def _config(args):
         f"data.crops.n_local={args.n_local}", f"data.crops.local_size={args.local_size}", "data.urls=[unused]",
         "data.samples_per_epoch=1000000", "data.num_workers=0",
         f"engine.zero_stage={args.zero_stage}", f"engine.compile={args.compile}",
+        f"engine.compile_mode={args.compile_mode}",
     ]
     if args.channels_last is not None:
         overrides.append(f"model.channels_last={args.channels_last}")
@@ -105,12 +106,91 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
                                                     "cpu")})
         try:
             extra = {"zero_stage": cfg.engine.zero_stage, "compile": cfg.engine.compile,
+                     "compile_mode": cfg.engine.compile_mode if cfg.engine.compile else None,
                      "channels_last": cfg.model.channels_last, "retain_memory": cfg.engine.cpu_retain_memory,
                      "fast_cpu_kernels": cfg.engine.fast_cpu_kernels}
-            return _time(lambda: dino_step(run, batches), args, device, "/".join(("deepspeed", *mods)), run.precision,
-                         extra)
+            t0 = time.perf_counter()
+            dino_step(run, batches)  # the first step: cuDNN's kernel search, and torch.compile when on
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            extra["first_step_s"] = round(time.perf_counter() - t0, 2)
+            row = _time(lambda: dino_step(run, batches), args, device, "/".join(("deepspeed", *mods)), run.precision,
+                        extra)
+            if args.profile:
+                row.update(_profile(lambda: dino_step(run, batches), device))
+            if device.type == "cuda":
+                row.update(_utilisation(cfg, device, run.precision, row["step_s"]))
+            return row
         finally:
             cleanup()
+
+
+# Dense bf16 peak of the card (vendor datasheets, SXM parts), for model FLOPs utilisation.
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def _utilisation(cfg, device, precision: str, step_times: list[float]) -> dict:
+    """Model FLOPs of one step (the student's forward and backward on all crops, the teacher's forward
+    on the global crops; counted by torch's FlopCounterMode on an eager copy) and their share of the
+    card's bf16 peak at the median step time."""
+    import statistics
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssl_container.engine import autocast_context
+    from ssl_container.run import build_student
+
+    student = build_student(cfg).to(device)
+    crops = _crops(cfg.data.batch_size, cfg.data.crops.n_global, cfg.data.crops.global_size, cfg.data.crops.n_local,
+                   cfg.data.crops.local_size, device)
+    counter = FlopCounterMode(display=False)
+    with counter, autocast_context(precision, device):
+        with torch.no_grad():
+            student(crops[:cfg.data.crops.n_global])
+        student(crops).float().sum().backward()
+    flops = counter.get_total_flops()
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in _PEAK_BF16.items() if k in name), None)
+    step = statistics.median(step_times)
+    return {"model_tflop_per_step": round(flops / 1e12, 3), "achieved_tflops": round(flops / step / 1e12, 1),
+            "mfu_vs_bf16_peak": round(flops / step / peak, 4) if peak else None}
+
+
+def _profile(step, device, steps: int = 3) -> dict:
+    """torch.profiler over a few steps: where the time goes between the host and the device."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = _union_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e6 / steps
+    syncs = [e for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")]
+    copies_to_host = [e for e in events if e.name.startswith("Memcpy DtoH")]
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
+    return {"profiled_wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4),
+            "host_bound_share": round(1 - busy / wall, 3) if device.type == "cuda" else None,
+            "kernels_per_step": round(len(kernels) / steps), "syncs_per_step": round(len(syncs) / steps, 1),
+            "copies_to_host_per_step": round(len(copies_to_host) / steps, 1),
+            "aten_ops_per_step": round(len(ops) / steps)}
+
+
+def _union_us(ranges: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(ranges):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
 
 
 def bench_eager(args) -> dict:
@@ -273,7 +353,11 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="deepspeed path: override model.channels_last (default: the config's, on)")
     parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones (engine.compile)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbones' blocks (engine.compile)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="engine.compile_mode")
+    parser.add_argument("--profile", action="store_true",
+                        help="deepspeed path: torch.profiler over 3 more steps (host share, kernels, syncs per step)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations this many times")

@@ -90,13 +90,15 @@ class EngineConfig:
     precision: str = "bf16"  # fp32 | bf16 | fp16 (bf16 falls back to fp32 on CPU)
     grad_accum_steps: int = 1
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile the backbones
+    compile: bool = False  # torch.compile each repeated block of the backbones (regional: bounded compile time)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     cpu_retain_memory: bool = True  # CPU: keep freed tensor memory in the process, no page faults per step (runtime.py)
     fast_cpu_kernels: bool = True  # fp32 on CPU: Container's 1x1 / depthwise convs on faster kernels (cpu_kernels.py)
 
     def __post_init__(self) -> None:
         check_fields(self, "engine", positive=("grad_accum_steps",), choices={
-            "zero_stage": (0, 1, 2), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda")})
+            "zero_stage": (0, 1, 2), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+            "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")})
 
 
 @dataclass

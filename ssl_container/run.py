@@ -76,8 +76,13 @@ class Run:
     state: TrainState
     total_steps: int
     iters_per_epoch: int
-    # BatchNorm statistics and the center move in every forward: a skipped step restores them.
+    # BatchNorm statistics and the center move in every forward: a skipped step restores them from
+    # a copy taken before each step into ``saved_buffers`` (allocated once; one multi-tensor copy).
     buffers: list[torch.Tensor] = field(default_factory=list)
+    saved_buffers: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.saved_buffers = [b.clone() for b in self.buffers]
 
     @property
     def run_dir(self) -> Path:
@@ -126,9 +131,8 @@ def _set_cpu_threads(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> 
 def _disable_drop_path(model: nn.Module) -> None:
     """DINO's teacher has no stochastic depth; a deep copy of the student would inherit it."""
     for m in model.modules():
-        for attr in ("p", "drop_prob"):
-            if type(m).__name__ == "DropPath" and hasattr(m, attr):
-                setattr(m, attr, 0.0)
+        if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob"):  # ours and timm's
+            m.drop_prob = 0.0
 
 
 def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
@@ -239,12 +243,14 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
     # --- models: identical initial weights on every rank, distribution applied from outside ---------
     torch.manual_seed(cfg.seed)
     student = D.maybe_sync_batchnorm(build_student(cfg), device).to(device)
-    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels:
-        use_fast_cpu_kernels(student)  # the teacher, a deep copy, inherits them
+    if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels and not cfg.engine.compile:
+        use_fast_cpu_kernels(student)  # the teacher, a deep copy, inherits them (compiled blocks: inductor's own)
     teacher = make_teacher(student)
     _disable_drop_path(teacher)
     if cfg.engine.compile:
-        compile_backbones(student, teacher)
+        compile_backbones(student, teacher, mode=cfg.engine.compile_mode)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # crop sizes are fixed: pick each convolution's fastest kernel once
     crops = cfg.data.crops
     loss = DINOLoss(cfg.head.out_dim, crops.n_global + crops.n_local, cfg.dino.student_temp,
                     cfg.dino.center_momentum, cfg.dino.sinkhorn_knopp, n_global_crops=crops.n_global).to(device)
@@ -320,6 +326,16 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
+def _to_host(values: dict[str, Any]) -> dict[str, float]:
+    """Scalars (tensors or numbers) as floats, with one device-to-host copy for all the tensors."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in values.items() if k not in keys}
+    if keys:
+        on_host = torch.stack([values[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, on_host))
+    return out
+
+
 def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
     """One optimizer step over ``engine.grad_accum_steps`` batches of crops: the teacher sees the
     global crops, the student all of them; DINO loss (+ KoLeo) -> backward -> scheduled update -> EMA.
@@ -332,7 +348,8 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
     t0 = time.perf_counter()
     wait = 0.0
     losses, finite_all, images, stats, koleo_values = [], True, 0, {}, []
-    buffers_before = [b.clone() for b in run.buffers]
+    if run.buffers:
+        torch._foreach_copy_(run.saved_buffers, run.buffers)
     for micro in range(accum):
         w0 = time.perf_counter()
         batch = next(batches)
@@ -353,7 +370,7 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
         if cfg.dino.koleo_weight > 0:
             # DINOv2: on the student's global crops, each crop's batch on its own.
             koleo = sum(koleo_loss(f) for f in feats[:n_global * crops[0].shape[0]].chunk(n_global))
-            koleo_values.append(float(koleo.detach()))
+            koleo_values.append(koleo.detach().float())
             loss = loss + cfg.dino.koleo_weight * koleo
         if it in _FAULT_NAN_STEPS:  # fault injection for the tests of the non-finite path
             loss = loss * float("nan")
@@ -366,30 +383,32 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
             loss = student_out.float().sum() * 0.0  # the poisoned micro-batch contributes no gradient
         engine.backward(loss)
         engine.step()
-        losses.append(loss.detach().float().item() if finite else float("nan"))
-        stats = {k: v.item() for k, v in dino_loss.last_stats.items()} if finite else {}
+        # Tensors until the step ends: one transfer to the host per step, not one per value.
+        losses.append(loss.detach().float() if finite else torch.tensor(float("nan"), device=run.device))
+        stats = dict(dino_loss.last_stats) if finite else {}
     if finite_all:
         ema_update(run.teacher, engine, momentum)
         state.consecutive_nonfinite = 0
     else:
-        for b, saved in zip(run.buffers, buffers_before):
-            b.copy_(saved)
+        torch._foreach_copy_(run.buffers, run.saved_buffers)
         state.skipped_steps += 1
         state.consecutive_nonfinite += 1
     state.step += 1
     state.images_seen += images * run.env.world_size
-    elapsed = time.perf_counter() - t0
     grad_norm = engine.get_global_grad_norm() if finite_all else None
+    host = _to_host({**({"loss": torch.stack(losses).mean()} if losses else {}), **stats,
+                     **({"koleo": torch.stack(koleo_values).mean()} if koleo_values else {}),
+                     **({"grad_norm": grad_norm} if grad_norm is not None else {})})
+    elapsed = time.perf_counter() - t0  # after the copy to the host: the device's work is in it
     metrics = {
-        "loss": sum(losses) / len(losses) if finite_all else float("nan"),
+        "loss": host.pop("loss") if finite_all else host.pop("loss", float("nan")) * float("nan"),
         "lr": values["lr"], "wd": values["wd"], "momentum": momentum, "teacher_temp": teacher_temp,
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "grad_norm": host.pop("grad_norm", None),
         "images_per_s": images * run.env.world_size / max(elapsed, 1e-9),
         "data_wait": wait / max(elapsed, 1e-9),
         "skipped_steps": state.skipped_steps,
         "epoch": run.schedule_step // run.iters_per_epoch,
-        **stats,
-        **({"koleo": sum(koleo_values) / len(koleo_values)} if koleo_values and finite_all else {}),
+        **{k: v for k, v in host.items() if k != "koleo" or finite_all},
     }
     if run.device.type == "cuda":
         metrics["memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30

@@ -37,21 +37,38 @@ STRIDE = 32  # 4 * 2 * 2 * 2: the total downsampling of the four patch embedding
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (drops the residual branch of whole images)."""
+    """Stochastic depth per sample (drops the residual branch of whole images), timm's ``drop_prob``.
 
-    def __init__(self, p: float = 0.0) -> None:
+    The rate also lives in a 0-d buffer that the training forward reads as a tensor: ``torch.compile``
+    then builds one graph for all blocks of a stage, where a Python float would be a constant that
+    recompiles every block (the rate differs block to block). Non-persistent: state dicts don't hold it.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
-        self.p = p
+        self.register_buffer("_rate", torch.tensor(float(drop_prob)), persistent=False)
+        self._drop_prob = float(drop_prob)
+
+    @property
+    def drop_prob(self) -> float:
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        self._drop_prob = float(value)
+        self._rate.fill_(float(value))
+
+    p = drop_prob  # this project's earlier name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.training or (not torch.compiler.is_compiling() and self._drop_prob == 0.0):
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        keep = 1.0 - self._rate
+        mask = (torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep).to(x.dtype)
+        return x * (mask / keep).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"p={self.p:.3f}"
+        return f"drop_prob={self._drop_prob:.3f}"
 
 
 class PatchEmbed(nn.Module):
@@ -331,7 +348,7 @@ class Container(nn.Module):
         """Re-spread stochastic depth 0 -> rate over all blocks (e.g. 0 for evaluation-time finetunes)."""
         blocks = [b for s in self.stages for b in s.blocks]
         for block, p in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
-            block.drop_path.p = p
+            block.drop_path.drop_prob = p
 
 
 def _resolve_indices(indices: int | Sequence[int] | None, n: int) -> list[int]:
