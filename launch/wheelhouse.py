@@ -25,6 +25,7 @@ import argparse
 import email.parser
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,11 @@ def build(out: Path, python_version: str, extras: tuple[str, ...] = (), skip: tu
     with tempfile.TemporaryDirectory(prefix="wheelhouse_") as tmp:
         work = Path(tmp)
         log(f"wheelhouse: the project ({REPO.name})")
-        _pip("wheel", "--no-deps", "-w", str(out), str(REPO))
+        # Built from a copy: setuptools leaves build/ and *.egg-info in the tree it builds.
+        src = work / "src"
+        shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "*.egg-info", ".whl",
+                                                                 ".gpu_data", "__pycache__", "wheelhouse", "outputs"))
+        _pip("wheel", "--no-deps", "-w", str(out), str(src))
         project = next(w for w in out.glob("*.whl") if _wheel_name(w) == "ssl-container")
         queue = [(r, set()) for r in _requirements(project, set(extras), env)]
         have: dict[str, Path] = {"ssl-container": project}

@@ -121,6 +121,18 @@ def _deepspeed_safe_globals() -> list[Any]:
     return found
 
 
+def _unpadded_layout_as_old(state: Any) -> Any:
+    """A ZeRO optimizer file saved without parameter alignment by a DeepSpeed that records its layout
+    (>= 0.19.7: all paddings 0) is refused by the aligned engine as a layout mismatch. Without the
+    record, DeepSpeed takes it for an older unpadded checkpoint and re-pads it on load, which is what
+    it is: drop the all-zero record so runs saved before the alignment fix resume."""
+    optim = state.get("optimizer_state_dict") if isinstance(state, dict) else None
+    paddings = optim.get("param_alignment_paddings") if isinstance(optim, dict) else None
+    if paddings is not None and not any(any(group) for group in paddings):
+        del optim["param_alignment_paddings"]
+    return state
+
+
 def _install_safe_checkpoint_engine(engine: Any) -> None:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
@@ -132,7 +144,7 @@ def _install_safe_checkpoint_engine(engine: Any) -> None:
             # also for the loads DeepSpeed makes outside this engine.
             torch.serialization.add_safe_globals(allowed)
             try:
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return _unpadded_layout_as_old(torch.load(path, map_location=map_location, weights_only=True))
             except Exception as err:  # pickle errors come in several types
                 raise RuntimeError(
                     f"refusing to load checkpoint file {path}: it is not loadable with weights_only=True "

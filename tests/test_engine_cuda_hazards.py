@@ -105,7 +105,8 @@ def test_a_run_saved_with_unaligned_zero_buffers_resumes_exactly(tmp_path):
     train("unaligned", tmp_path / "old", "max_steps=6", "checkpoint.every_steps=6")
     state = torch.load(tmp_path / "old" / "checkpoints" / "step_00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                        weights_only=False)["optimizer_state_dict"]
-    assert "param_alignment_paddings" not in state  # really the old layout
+    # The old layout: DeepSpeed >= 0.19.7 records its (all-zero) paddings, older ones record none.
+    assert not any(any(group) for group in state.get("param_alignment_paddings", []))
     train("aligned", tmp_path / "old", "checkpoint.every_steps=6")
     a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
     b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "old" / "metrics.jsonl")}
