@@ -51,13 +51,17 @@ def subset(src: Path, out: Path, counts: dict[str, int]) -> dict:
     return {"out": str(out), **{f"{k}_samples": v["num_samples"] for k, v in splits.items()}, "mib": round(size / 2**20, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", default="../shared/data/imagenette")
     p.add_argument("--out", default=".gpu_data/imagenette")
     p.add_argument("--train-shards", type=int, default=5)
     p.add_argument("--val-shards", type=int, default=1)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(json.dumps(subset(Path(args.src), Path(args.out), {"train": args.train_shards, "val": args.val_shards})))
     return 0
 

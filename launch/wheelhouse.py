@@ -162,7 +162,7 @@ def _newest(name: str, req) -> str:
     raise SystemExit(f"wheelhouse: no release of {name} satisfies {req}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch.wheelhouse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="wheelhouse", help="folder for the wheels (default: wheelhouse)")
@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extras", default="", help="the project's extras to include, e.g. cpu (faiss-cpu)")
     p.add_argument("--skip", nargs="*", default=[], help="more distributions to leave to the node (its image's)")
     p.add_argument("--deepspeed", help="DeepSpeed version to build (default: the newest the project allows)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     wheels = build(Path(args.out), args.python_version, tuple(e for e in args.extras.split(",") if e),
                    tuple(args.skip), args.deepspeed)
     size = sum(w.stat().st_size for w in wheels) / 2**20

@@ -27,6 +27,7 @@ COVERED = {
     "python3 -m venv .venv": "make setup (every make target creates the venv this way)",
     ". .venv/bin/activate": "make setup",
     "bash benchmarks/gpu_suite.sh --dry-run": "tests/test_gpu_suite.py",
+    "pip install --no-index --find-links wheelhouse ssl-container": "tests/test_wheelhouse.py (into a fresh node)",
 }
 
 

@@ -89,9 +89,9 @@ def test_wheelhouse_installs_offline_and_leaves_the_nodes_torch_alone(tmp_path):
                           capture_output=True, text=True, timeout=900, env=quiet)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check = ("import torch, deepspeed, webdataset, submitit, ssl_container.train, launch.submit; "
-             "print(torch.__file__); print(ssl_container.__file__)")
+             "print('FILES', torch.__file__, ssl_container.__file__)")
     proc = subprocess.run([py, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=quiet)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    torch_file, project_file = proc.stdout.split()
+    torch_file, project_file = next(ln for ln in proc.stdout.splitlines() if ln.startswith("FILES ")).split()[1:]
     assert torch_file.startswith(str(site_torch))  # the node's own torch, untouched
     assert project_file.startswith(str(site))  # the project from the wheelhouse
