@@ -5,16 +5,32 @@
   engine is built, every parameter and buffer of student and teacher must be 16-byte aligned.
 * A run saved before the alignment change (its flat buffers unpadded) still resumes, exactly.
 * An older DeepSpeed that cannot align is refused on CUDA, naming the fix.
+* Pinned memory: batches bound for a GPU are page-locked (else ``non_blocking=True`` is a blocking
+  copy through a bounce buffer); CPU runs do not pin (it warns and wastes memory there).
+* SyncBatchNorm only across several GPU ranks: one GPU keeps plain BatchNorm (SyncBatchNorm's
+  single-process path differs in eval and export), CPU ranks keep plain BatchNorm (no CPU kernel).
+* The teacher under bf16 autocast hands bf16 logits to the loss: the loss and the center stay float32.
+* Device-to-host copies: the step's logged values come back in one blocking copy (``_to_host``), so a
+  value is never read before the device wrote it.
+* RNG: nothing to save. Every micro-step reseeds all generators (``torch.manual_seed`` seeds CPU and
+  every CUDA device) from (seed, step, rank); the exact-resume tests rest on that, on CPU here and on
+  the GPU in tests/test_gpu.py. The device multi-crop against the CPU one: tests/test_data_gpu_augment.py.
 """
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = REPO.parent / "shared" / "data" / "imagenette"
@@ -116,3 +132,83 @@ def test_a_run_saved_with_unaligned_zero_buffers_resumes_exactly(tmp_path):
         x = load_file(str(tmp_path / "straight" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
         y = load_file(str(tmp_path / "old" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
         assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_batches_bound_for_a_gpu_are_pinned_and_cpu_batches_are_not():
+    from ssl_container.data import TrainDataConfig, make_train_loader
+
+    def loader(device, **kw):
+        cfg = TrainDataConfig(urls=["unused-{0000..0003}.tar"], samples_per_epoch=64, batch_size=8, **kw)
+        return make_train_loader(cfg, 0, 1, 0, device=device)
+
+    assert loader("cuda").pin_memory is True
+    assert loader(torch.device("cuda", 1)).pin_memory is True
+    assert loader("cpu").pin_memory is False
+    assert loader(None).pin_memory is False
+    assert loader("cuda", pin_memory=False).pin_memory is False  # the config still wins
+    assert loader("cpu", pin_memory=True).pin_memory is True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bn_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+
+def _sync_bn_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from ssl_container.distributed import maybe_sync_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        # Only the device's type is read: no CUDA call is made, so this runs on a CPU machine.
+        kinds = {dev: sorted({type(m).__name__ for m in maybe_sync_batchnorm(_bn_model(), torch.device(dev)).modules()
+                              if isinstance(m, nn.modules.batchnorm._BatchNorm)})
+                 for dev in ("cuda", "cpu")}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(kinds))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sync_batchnorm_only_across_several_gpu_ranks(tmp_path, world):
+    mp.spawn(_sync_bn_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        kinds = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert kinds["cuda"] == (["SyncBatchNorm"] if world > 1 else ["BatchNorm2d"]), (world, kinds)
+        assert kinds["cpu"] == ["BatchNorm2d"]
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_a_bf16_teacher_feeds_a_float32_loss_and_center():
+    from ssl_container.dino import DINOLoss
+    from ssl_container.engine import autocast_context
+
+    ctx = autocast_context("bf16", torch.device("cuda"))
+    assert (ctx.device, ctx.fast_dtype) == ("cuda", torch.bfloat16)  # the teacher matches the student
+    assert autocast_context("bf16", torch.device("cpu"))._enabled is False
+    assert autocast_context("fp32", torch.device("cuda"))._enabled is False
+
+    # The same dtype flow on CPU: a teacher head under bf16 autocast returns bf16 logits.
+    gen = torch.Generator().manual_seed(0)
+    head, k, b = nn.Linear(32, 512), 512, 6
+    x_t, student = torch.randn(2 * b, 32, generator=gen), torch.randn(4 * b, k, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        t_bf16 = head(x_t)
+    assert t_bf16.dtype == torch.bfloat16
+    with torch.no_grad():
+        t_fp32 = head(x_t)
+    losses, centers = {}, {}
+    for name, teacher in (("bf16", t_bf16), ("fp32", t_fp32)):
+        fn = DINOLoss(k, 4)
+        losses[name] = fn(student, teacher, 0.04)
+        centers[name] = fn.center
+    assert losses["bf16"].dtype == centers["bf16"].dtype == torch.float32
+    assert torch.isfinite(losses["bf16"])
+    # bf16 keeps 8 bits of mantissa: the sharpened teacher moves the loss by well under 1 %.
+    assert abs(losses["bf16"].item() - losses["fp32"].item()) < 1e-2 * abs(losses["fp32"].item())
+    torch.testing.assert_close(centers["bf16"], centers["fp32"], atol=2e-2, rtol=0)

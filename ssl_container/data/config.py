@@ -100,7 +100,7 @@ class TrainDataConfig:
     bad_check_min_samples: int = 500  # the ceiling is checked once this many samples were seen
     augment_on: str = "cpu"  # cpu: crops made in the loader workers | device: workers decode, crops on the GPU
     prefetch_factor: int = 2
-    pin_memory: bool = False
+    pin_memory: Optional[bool] = None  # None: pinned when the batches go to a GPU (non-blocking copies)
     mp_context: Optional[str] = None  # DataLoader multiprocessing context (None: the platform default)
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
 

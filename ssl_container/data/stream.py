@@ -288,6 +288,14 @@ class TrainLoader:
         self._stats: dict[int, dict[str, int]] = {}
         self._gpu = None
 
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked batches when they go to a GPU: only then is the host-to-device copy truly
+        non-blocking (from pageable memory CUDA stages it through a bounce buffer and the host waits)."""
+        if self.cfg.pin_memory is not None:
+            return self.cfg.pin_memory
+        return self.device is not None and torch.device(self.device).type == "cuda"
+
     def __len__(self) -> int:
         return self.steps_per_epoch - self.start_step
 
@@ -308,7 +316,7 @@ class TrainLoader:
             batches = iter(ds)
         else:
             batches = iter(DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
-                                      prefetch_factor=cfg.prefetch_factor, pin_memory=cfg.pin_memory,
+                                      prefetch_factor=cfg.prefetch_factor, pin_memory=self.pin_memory,
                                       persistent_workers=False, multiprocessing_context=cfg.mp_context))
         expected = self.start_step
         try:
