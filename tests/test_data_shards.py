@@ -45,7 +45,7 @@ def test_folder_round_trip(image_folder, tmp_path, capsys):
     files = [os.path.basename(u) for u in expand_urls(str(out / split["shards"]))]
     assert sorted(meta["sha256"]) == files
     names = [n for f in files for n in _tar_keys(out / f)]
-    assert len(names) == 46 and names[0] == "fruit_train_000000.cls" and names[1] == "fruit_train_000000.jpg"
+    assert len(names) == 69 and names[:3] == ["fruit_train_000000.cls", "fruit_train_000000.jpg", "fruit_train_000000.src"]
     # shuffled: the labels (class-major in the folder) are mixed in the first shard
     with tarfile.open(out / files[0]) as tf:
         labels = [int(tf.extractfile(m).read()) for m in tf if m.name.endswith(".cls")]
@@ -110,7 +110,8 @@ def test_verify_reports_corruption_by_shard_and_key(image_folder, tmp_path, caps
     text = capsys.readouterr().out
     assert "kind=sha256_mismatch" in text and str(victim) in text
     key = member.name.split(".")[0]
-    assert f"key={key} kind=corrupt_image" in text
+    line = next(ln for ln in text.splitlines() if f"key={key} " in ln)
+    assert f"source={image_folder}" in line and "kind=corrupt_image" in line  # names the file it came from
     report = verify_shards(str(out), decode=False)  # digests alone still catch it
     assert [p["kind"] for p in report.problems] == ["sha256_mismatch"]
     # a missing shard and a truncated one
@@ -149,3 +150,37 @@ def test_names_never_leave_the_output_folder(image_folder, tmp_path):
     write_shards(str(evil), str(out), name="safe")
     names = _tar_keys(out / "train-000000.tar")
     assert len(names) == 4 and all(n.startswith("safe_train_") for n in names)
+
+
+def test_unreadable_sources_are_skipped_by_path_or_refused_with_strict(image_folder, tmp_path, capsys, caplog):
+    """An empty x.jpg and a text file named fake.jpg used to be packed silently (and .txt skipped silently);
+    verify then failed later naming no source. Now they are skipped, counted and listed by path, each sample
+    records its source, and --strict refuses before a byte is written."""
+    (image_folder / "banana" / "x.jpg").write_bytes(b"")
+    (image_folder / "cherry" / "fake.jpg").write_text("this is a text file, not a JPEG\n" * 20)
+    out = tmp_path / "shards"
+    caplog.set_level("WARNING", logger="ssl_container.data.shards")
+    assert main(["shards", "write", str(image_folder), str(out), "--max-count", "10"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["num_samples"] == 23 and printed["skipped"] == 2
+    split = json.loads((out / "dataset.json").read_text())["splits"]["train"]
+    assert sorted((os.path.basename(s["source"]), s["problem"]) for s in split["skipped"]) == [
+        ("fake.jpg", "not an image PIL can identify"), ("x.jpg", "empty file")]
+    assert sum(split["shard_samples"]) == 23
+    logged = caplog.text
+    assert "notes.txt" in logged and "not images by their extension" in logged  # the .txt is named, not silent
+    assert "skipping" in logged and "x.jpg: empty file" in logged
+    # every sample names where it came from, and the shards verify clean
+    sources = []
+    for url in expand_urls(str(out / split["shards"])):
+        with tarfile.open(url) as tf:
+            sources += [tf.extractfile(m).read().decode() for m in tf if m.name.endswith(".src")]
+    assert len(sources) == 23 and all(os.path.isfile(s) and s.startswith(str(image_folder)) for s in sources)
+    assert verify_shards(str(out)).ok
+
+    strict_out = tmp_path / "strict"
+    assert main(["shards", "write", str(image_folder), str(strict_out), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("x.jpg: empty file" in err or "fake.jpg: not an image" in err)
+    assert "--strict" in err and "nothing was written" in err
+    assert not strict_out.exists() or not any(strict_out.iterdir())

@@ -126,10 +126,16 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
         with open(args.classes) as f:
             classes = [line.strip() for line in f if line.strip()]
     source = args.source[0] if len(args.source) == 1 else args.source
-    entry = write_shards(source, args.out_dir, split=args.split, name=args.name, max_count=args.max_count,
-                         max_bytes=args.max_bytes, seed=args.seed, source_kind=args.source_kind, classes=classes)
+    try:
+        entry = write_shards(source, args.out_dir, split=args.split, name=args.name, max_count=args.max_count,
+                             max_bytes=args.max_bytes, seed=args.seed, source_kind=args.source_kind, classes=classes,
+                             strict=args.strict)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ssl-container shards write: {err}", file=sys.stderr)
+        return 2
     print(json.dumps({"out_dir": args.out_dir, "split": args.split,
-                      **{k: entry[k] for k in ("shards", "num_shards", "num_samples")}}))
+                      **{k: entry[k] for k in ("shards", "num_shards", "num_samples")},
+                      "skipped": len(entry.get("skipped", []))}))
     return 0
 
 
@@ -143,7 +149,8 @@ def _cmd_shards_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=1))
     else:
         for p in report.problems:
-            print(f"BAD shard={p['shard']} key={p['key'] or '-'} kind={p['kind']}: {p['detail']}")
+            src = f" source={p['source']}" if p.get("source") else ""
+            print(f"BAD shard={p['shard']} key={p['key'] or '-'}{src} kind={p['kind']}: {p['detail']}")
         summary = report.to_dict()
         print(f"{'OK' if report.ok else 'FAILED'}: {summary['num_shards']} shards, {summary['num_samples']} samples, "
               f"{len(report.problems)} problems")
@@ -231,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-bytes", type=_parse_bytes, default="1GB", help="bytes per shard at most (default: 1GB)")
     w.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
     w.add_argument("--classes", default=None, help="file with one class name per line (file lists with names)")
+    w.add_argument("--strict", action="store_true",
+                   help="refuse a source that is not a readable image (default: skip it, count it, list its path)")
     w.set_defaults(func=_cmd_shards_write)
     v = shards_sub.add_parser("verify", help="check sha256 digests and decode every sample; exit 1 on any problem")
     v.add_argument("path", help="dataset folder, its dataset.json, or a shard pattern")

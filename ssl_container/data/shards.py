@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -33,6 +34,8 @@ from ssl_container.data.sources import (
     iter_tar_samples,
     local_path,
 )
+
+log = logging.getLogger("ssl_container.data.shards")
 
 FOLDER_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".ppm": "ppm", ".bmp": "bmp",
                ".tif": "tiff", ".tiff": "tiff"}
@@ -57,7 +60,7 @@ def items_from_folder(root: str) -> tuple[list[_Item], list[str]]:
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise ValueError(f"{root}: no class sub-directories (expected root/<class>/<image>)")
-    items = []
+    items, others = [], []
     for label, cls in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls)):
             dirnames.sort()
@@ -66,6 +69,11 @@ def items_from_folder(root: str) -> tuple[list[_Item], list[str]]:
                 ext = FOLDER_EXTS.get(os.path.splitext(fn)[1].lower())
                 if ext is not None:
                     items.append(_file_item(path, ext, label))
+                else:
+                    others.append(path)
+    if others:
+        log.warning("%s: %d files are not images by their extension and are left out (e.g. %s); images are %s",
+                    root, len(others), others[0], " ".join(sorted(set(FOLDER_EXTS))))
     if not items:
         raise ValueError(f"{root}: no images with extensions {sorted(FOLDER_EXTS)}")
     return items, classes
@@ -104,12 +112,12 @@ def items_from_list(list_path: str, classes: Sequence[str] | None = None) -> tup
 def _file_item(path: str, ext: str, label: int | None) -> _Item:
     def read() -> dict[str, bytes]:
         with open(path, "rb") as f:
-            sample = {ext: f.read()}
+            sample = {ext: f.read(), "src": os.path.abspath(path).encode()}
         if label is not None:
             sample["cls"] = str(label).encode()
         return sample
 
-    return _Item(None, read, _tar_bytes(os.path.getsize(path)) + (1024 if label is not None else 0))
+    return _Item(None, read, _tar_bytes(os.path.getsize(path)) + 1024 + (1024 if label is not None else 0))
 
 
 def items_from_shards(urls: str | Sequence[str]) -> tuple[list[_Item], list[str] | None]:
@@ -202,6 +210,27 @@ def _write_tar(path: str, samples: Iterator[tuple[str, dict[str, bytes]]]) -> tu
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+def _image_problem(sample: dict[str, bytes]) -> str | None:
+    """Why the sample's image cannot be read (None when PIL identifies it and its structure checks out).
+    Header and structure only: a full decode of every image would make writing as slow as a training epoch."""
+    from PIL import Image, UnidentifiedImageError
+
+    ext = image_ext(sample)
+    if ext is None:
+        return "no image member"
+    data = sample[ext]
+    if not data:
+        return "empty file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except UnidentifiedImageError:
+        return "not an image PIL can identify"
+    except Exception as err:  # PIL raises a variety of errors for damaged files
+        return f"damaged image ({type(err).__name__}: {str(err)[:120]})"
+    return None
+
+
 def _safe_key(key: str) -> bool:
     """A member name stays inside the tar: not absolute, no '..' component (folders are fine)."""
     return bool(key) and not key.startswith(("/", "\\")) and ".." not in re.split(r"[/\\]", key)
@@ -209,11 +238,15 @@ def _safe_key(key: str) -> bool:
 
 def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "train", name: str | None = None,
                  max_count: int = 1000, max_bytes: int | None = 1 << 30, seed: int = 0,
-                 source_kind: str = "auto", classes: Sequence[str] | None = None) -> dict:
+                 source_kind: str = "auto", classes: Sequence[str] | None = None, strict: bool = False) -> dict:
     """Shuffle ``source`` with ``seed`` into ``out_dir/<split>-NNNNNN.tar`` and record it in dataset.json.
 
     A shard closes at ``max_count`` samples or before it would exceed ``max_bytes``. Returns the split's
-    dataset.json entry (shard pattern, counts per shard)."""
+    dataset.json entry (shard pattern, counts per shard).
+
+    Each source must be an image PIL can identify: an empty file, a text file named ``.jpg`` and the
+    like are skipped, counted and listed with their path in the entry's ``skipped`` (``strict``:
+    refused instead). Each sample records its source path as its ``src`` member."""
     kind = detect_source_kind(source) if source_kind == "auto" else source_kind
     if kind == "folder":
         items, found_classes = items_from_folder(str(source))
@@ -229,6 +262,15 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     if not _SAFE_NAME.fullmatch(split):
         raise ValueError(f"split {split!r} is not a plain name (letters, digits, '_', '-', '.'; no '/' or '..'): "
                          "it names the shard files inside out_dir, e.g. --split train")
+    if strict:  # refuse before a shard is (over)written: every source is read twice, once here
+        for it in items:
+            sample = it.read()
+            problem = _image_problem(sample)
+            if problem is not None:
+                where = sample.get("src", b"").decode(errors="replace") or it.key or "a sample"
+                raise ValueError(f"{where}: {problem}. Fix or remove it, or leave out --strict to skip such files "
+                                 "(they are counted and listed in dataset.json); nothing was written")
+
     os.makedirs(out_dir, exist_ok=True)
     for leftover in os.listdir(out_dir):  # temporary files of an interrupted earlier run (only ours match)
         if re.fullmatch(rf"\.(?:{re.escape(split)}-\d{{6}}\.tar|dataset\.json)\..+\.tmp", leftover):
@@ -252,10 +294,21 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
         plan[-1].append(int(idx))
         size += b
 
+    skipped: list[dict[str, str]] = []
+
     def samples(indices: list[int], first: int) -> Iterator[tuple[str, dict[str, bytes]]]:
-        for j, idx in enumerate(indices):
+        j = 0
+        for idx in indices:
+            sample = items[idx].read()
+            problem = _image_problem(sample)
+            if problem is not None:
+                where = sample.get("src", b"").decode(errors="replace") or items[idx].key or f"item {idx}"
+                skipped.append({"source": where, "problem": problem})
+                log.warning("skipping %s: %s", where, problem)
+                continue
             key = items[idx].key if keep_keys else f"{name}_{split}_{first + j:0{width}d}"
-            yield key, items[idx].read()
+            j += 1
+            yield key, sample
 
     shard_names, shard_samples, digests = [], [], {}
     first = 0
@@ -278,6 +331,10 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     stale = set(os.path.basename(u) for u in expand_urls(old["shards"])) - set(shard_names) if old else set()
     entry = {"shards": f"{split}-{{000000..{len(plan) - 1:06d}}}.tar", "num_shards": len(plan),
              "num_samples": first, "shard_samples": shard_samples, "seed": seed}
+    if skipped:
+        entry["skipped"] = skipped  # unreadable sources, by path, so they can be fixed and the split rewritten
+        log.warning("%d of %d sources were not readable images and were skipped (listed in %s under splits.%s.skipped)",
+                    len(skipped), len(items), os.path.join(out_dir, "dataset.json"), split)
     meta.setdefault("name", name)
     meta["format"] = FORMAT
     if classes is not None:
@@ -333,7 +390,9 @@ def _verify_shard(url: str, expected_sha: str | None, decode: bool, num_classes:
             try:
                 decode_rgb(sample[image_ext(sample)])
             except BadImageError as exn:
-                problems.append({"shard": url, "key": key, "kind": exn.kind, "detail": str(exn)[:300]})
+                src = sample.get("src", b"").decode(errors="replace")
+                problems.append({"shard": url, "key": key, "kind": exn.kind, "detail": str(exn)[:300],
+                                 **({"source": src} if src else {})})
         if "cls" in sample:
             try:
                 label = int(sample["cls"].decode("ascii").strip())
