@@ -41,6 +41,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ssl_container.signals import stoppable
+from ssl_container.data.workers import DataLoader
 from ssl_container.files import atomic_write_json
 from ssl_container.progress import hms
 
@@ -227,7 +229,7 @@ def train(
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on ``dataset``; returns per-epoch mean losses and timings."""
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
+    loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator, drop_last=False
     )
     total = epochs * len(loader) if max_iters is None else min(max_iters, epochs * len(loader))
@@ -519,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stoppable("python -m eval.detection")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = None if argv is None else list(argv)

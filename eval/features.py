@@ -40,6 +40,8 @@ import torch.distributed as dist
 from torch import nn
 
 from eval.store import ShardedFeatureStore
+from ssl_container.signals import stoppable
+from ssl_container.data.workers import DataLoader
 from ssl_container.progress import Progress
 from ssl_container.features import FEATURE_KINDS, FeatureSet, amp_autocast, dist_info, extract_features, forward_features
 
@@ -213,7 +215,7 @@ def make_loader(source: DataSource, transform=None, batch_size: int = 128, rank:
     samples = ImageFolder(source.folder).samples  # sorted: the same on every rank
     mine = samples[rank::world_size]
     ds = _FolderDataset(mine, source.folder, transform)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                        collate_fn=_collate, drop_last=False)
 
 
@@ -242,10 +244,14 @@ def save_feature_dir(path: str | os.PathLike, fs: FeatureSet) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    np.save(tmp / "features.npy", np.ascontiguousarray(fs.features, dtype=np.float32))
-    np.save(tmp / "labels.npy", np.asarray(fs.labels, dtype=np.int64))
-    (tmp / "keys.txt").write_text("\n".join(fs.keys) + ("\n" if fs.keys else ""))
-    (tmp / "meta.json").write_text(json.dumps(fs.meta, indent=1, default=str))
+    try:
+        np.save(tmp / "features.npy", np.ascontiguousarray(fs.features, dtype=np.float32))
+        np.save(tmp / "labels.npy", np.asarray(fs.labels, dtype=np.int64))
+        (tmp / "keys.txt").write_text("\n".join(fs.keys) + ("\n" if fs.keys else ""))
+        (tmp / "meta.json").write_text(json.dumps(fs.meta, indent=1, default=str))
+    except BaseException:  # a stop signal or a full disk half-way: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.replace(tmp, path)
     except OSError:  # another process won the race: keep theirs
@@ -584,6 +590,7 @@ def get_feature_store(model: nn.Module, source: DataSource, path: str | os.PathL
 # CLI: python -m eval.features
 
 
+@stoppable("python -m eval.features")
 def main(argv: Sequence[str] | None = None) -> int:
     """Extract one split's features into ``OUT/<kind>/`` (features.npy, labels.npy, keys.txt, meta.json),
     which ``--train-features`` / ``--val-features`` of eval.knn and eval.linear accept."""

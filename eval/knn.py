@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from eval.store import ShardedFeatureStore, l2_normalize
+from ssl_container.signals import stoppable
 from ssl_container.knn import DEFAULT_TEMPERATURE, weighted_vote
 
 log = logging.getLogger("eval.knn")
@@ -416,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stoppable("python -m eval.knn")
 def main(argv: Sequence[str] | None = None) -> int:
     from eval import features as F
     from eval import plots

@@ -38,6 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_container.signals import stoppable
+from ssl_container.data.workers import DataLoader
 from ssl_container.data.labelled import AugmentedLabelledShards
 from ssl_container.features import amp_autocast, forward_features
 from ssl_container.progress import hms
@@ -409,7 +411,7 @@ def _augmented_batches(urls, cfg: LinearProtocolConfig, rank: int, world: int, n
     def make(epoch: int):
         ds = AugmentedLabelledShards(urls, cfg.crop, cfg.scale, rank, world, num_workers, cfg.seed, epoch, mean, std,
                                      buffer)
-        return iter(torch.utils.data.DataLoader(ds, batch_size=per_rank, num_workers=num_workers))
+        return iter(DataLoader(ds, batch_size=per_rank, num_workers=num_workers))
 
     return make
 
@@ -446,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stoppable("python -m eval.linear")
 def main(argv: Sequence[str] | None = None) -> int:
     from eval import features as Fe
     from eval import plots

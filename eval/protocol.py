@@ -28,6 +28,7 @@ from torch import nn
 
 from eval.features import DataSource, make_loader, resolve_data
 from eval.knn import knn_classify
+from ssl_container.signals import stoppable
 from ssl_container.data.augment import EvalTransformConfig
 from ssl_container.features import forward_features
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stoppable("python -m eval.protocol")
 def main(argv: Sequence[str] | None = None) -> int:
     from ssl_container.export import load_backbone, read_checkpoint
     from ssl_container.models import create_model

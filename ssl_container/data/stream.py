@@ -35,8 +35,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
+from ssl_container.data.workers import DataLoader, shutdown as shutdown_workers
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.augment import (
     BadImageError,
@@ -334,10 +335,7 @@ class TrainLoader:
                 expected += 1
                 yield batch
         finally:
-            # shut the workers down deliberately (a resampled stream never ends by itself)
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            shutdown_workers(batches)  # deliberately: a resampled stream never ends by itself
 
     def _device_crops(self, packed: dict) -> list[torch.Tensor]:
         from ssl_container.data.gpu_augment import GpuMultiCrop

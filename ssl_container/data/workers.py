@@ -1,0 +1,115 @@
+"""DataLoader workers that outlive a stop signal, so the main process can finish its step and save.
+
+Slurm (time limit, preemption, ``scancel``), ``timeout``, ``kill -- -PGID`` and a terminal's Ctrl-C
+signal the whole process group, loader workers included. A worker left with the default action dies
+of SIGTERM; the main process then fails in ``next()`` ("DataLoader worker (pid …) is killed by signal:
+Terminated", pytorch#4507) before its own handler can finish the step and save. So the workers
+ignore SIGTERM and SIGINT and the main process shuts them down when it is done with them.
+
+There is a window between the start of a worker and its init function: a signal landing there
+would still reach the worker with the inherited action. :class:`DataLoader` closes it while the
+workers start by holding the stop signals blocked in the calling thread and setting them to
+``SIG_IGN``: a forked child inherits both, a spawned one inherits ``SIG_IGN`` across ``exec`` (the
+mask does not survive multiprocessing's spawn). Each worker sets them to ``SIG_IGN`` in its init
+function and unblocks them, which drops anything pending. In the main process Linux keeps a blocked
+signal pending even while it is ignored; the handler is put back before the mask, so the signal is
+delivered to the caller's handler as soon as the workers are up (one that was already pending when
+the block began is raised again). What remains is the few lines of PyTorch's worker loop between its
+own SIGTERM handler and the init function.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import signal
+import threading
+import weakref
+from typing import Any, Callable, Iterator
+
+import torch.utils.data
+
+__all__ = ["DataLoader", "STOP_SIGNALS", "ignore_stop_signals", "shutdown", "stop_signals_blocked"]
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def ignore_stop_signals(worker_id: int, then: Callable[[int], Any] | None = None) -> None:
+    """A worker init function: SIGTERM and SIGINT ignored, then the caller's own init (if any)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if then is not None:
+        then(worker_id)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT back while processes are started (see the module doc): blocked and ignored
+    here, inherited that way by the children; on leaving, the handlers come back before the mask, so
+    a signal that came meanwhile reaches this process's own handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may change handlers; nothing to hold back elsewhere
+        return
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    settable = {s: h for s, h in handlers.items() if h is not None}  # None: set outside Python
+    pending = signal.sigpending() & STOP_SIGNALS  # setting SIG_IGN would discard these
+    try:
+        for s in settable:
+            signal.signal(s, signal.SIG_IGN)
+        yield
+    finally:
+        for s, h in settable.items():
+            signal.signal(s, h)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        for s in pending:
+            if s not in previous_mask:
+                signal.raise_signal(s)
+
+
+class DataLoader(torch.utils.data.DataLoader):
+    """``torch.utils.data.DataLoader`` whose workers ignore the stop signals (see the module doc).
+    Every loader of the project with worker processes is one of these: training, evaluation,
+    labelled folders, the linear probe and detection."""
+
+    def __init__(self, *args: Any, worker_init_fn: Callable[[int], Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn), **kwargs)
+
+    def _get_iterator(self):  # where the workers are started
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        with stop_signals_blocked():
+            it = super()._get_iterator()
+        _live.add(it)
+        return it
+
+
+def shutdown(it: Any) -> None:
+    """Stop the workers of a DataLoader iterator. PyTorch's own shutdown ends with ``terminate()``
+    (SIGTERM) for a worker that does not join in time, which these workers ignore: SIGKILL them."""
+    stop = getattr(it, "_shutdown_workers", None)
+    if stop is None:
+        return
+    stop()
+    for w in getattr(it, "_workers", ()):
+        if w.is_alive() and w.pid:
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            w.join(timeout=5)
+    _live.discard(it)
+
+
+# At interpreter exit, multiprocessing terminates daemonic children with SIGTERM and joins them: a
+# worker of an iterator nobody closed would ignore it and the exit would hang. This runs first
+# (atexit is last-in, first-out; multiprocessing registered its hook when it was imported).
+_live: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for it in list(_live):
+        shutdown(it)
