@@ -37,6 +37,7 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -47,8 +48,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ssl_container.checkpoint import latest_step_dir
-from ssl_container.files import atomic_path, atomic_write_bytes
+from ssl_container.files import atomic_path, atomic_write_bytes, sha256_file
+from ssl_container.run_folder import STEP_FOLDER as _STEP, latest_step_dir
+
+log = logging.getLogger("ssl_container.export")
 
 __all__ = [
     "ACCEPTED",
@@ -114,7 +117,7 @@ def read_checkpoint(path: str | os.PathLike, which: str | None = None) -> Checkp
         raise FileNotFoundError(f"{p}: no such file or folder (expected {ACCEPTED})")
     if p.is_dir():
         if (p / "checkpoints").is_dir():
-            return _read_step_dir(_latest_step_dir(p), which, run_dir=p, kind="run")
+            return _read_run_dir(p, which)
         if (p / "backbone.safetensors").is_file():
             return _read_export_dir(p, which)
         if _is_step_dir(p):
@@ -200,10 +203,66 @@ def _pick_which(which: str | None, available: list[str], where: Path) -> str:
     return want
 
 
-def _read_step_dir(step_dir: Path, which: str | None, run_dir: Path | None, kind: str) -> Checkpoint:
+def _read_run_dir(run_dir: Path, which: str | None) -> Checkpoint:
+    """The newest step folder whose weights are intact; a damaged newer one is skipped, with a warning."""
+    root = run_dir / "checkpoints"
+    complete = sorted((d for d in root.iterdir() if _STEP.match(d.name) and (d / "meta.json").is_file()), reverse=True)
+    try:
+        newest = _latest_step_dir(run_dir)
+    except CheckpointRefused as err:
+        if not complete:
+            raise
+        log.warning("%s; reading the newest complete checkpoint instead", err)
+        newest = complete[0]
+    damaged = []
+    for step_dir in [newest, *(d for d in complete if d.name < newest.name)]:
+        problem = _weights_problem(step_dir, which)
+        if problem is None:
+            ckpt = _read_step_dir(step_dir, which, run_dir=run_dir, kind="run", verified=True)
+            if damaged:
+                note = f"{'; '.join(damaged)}: read {step_dir.name} instead, the newest intact checkpoint"
+                ckpt.notes.append(note)
+                log.warning("%s: %s", run_dir, note)
+            return ckpt
+        damaged.append(f"{step_dir.name} is damaged ({problem})")
+    raise CheckpointRefused(f"{run_dir}: no intact checkpoint ({'; '.join(damaged)}); restore the files from a copy")
+
+
+def _weights_problem(step_dir: Path, which: str | None) -> str | None:
+    """What is wrong with the weights file of a step folder against the size and sha256 its meta.json
+    recorded at save time (the trainer's own check); None when it matches or nothing was recorded."""
+    available = [w for w in WHICH if (step_dir / f"{w}.safetensors").is_file()]
+    try:
+        name = f"{_pick_which(which, available, step_dir)}.safetensors"
+    except CheckpointRefused as err:
+        return str(err).split(": ", 1)[-1]
+    try:
+        meta = json.loads((step_dir / "meta.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return f"meta.json unreadable ({err})"
+    want = (meta.get("files") or {}).get(name) if isinstance(meta, dict) else None
+    return _file_problem(step_dir / name, want and want.get("bytes"), want and want.get("sha256"))
+
+
+def _file_problem(path: Path, size: int | None, sha256: str | None) -> str | None:
+    if size is not None and path.stat().st_size != size:
+        return f"{path.name} has {path.stat().st_size} bytes, {size} were written"
+    if sha256 is not None and sha256_file(path) != sha256:
+        return f"{path.name} does not match the sha256 recorded when it was written"
+    return None
+
+
+def _read_step_dir(step_dir: Path, which: str | None, run_dir: Path | None, kind: str,
+                   verified: bool = False) -> Checkpoint:
     available = [w for w in WHICH if (step_dir / f"{w}.safetensors").is_file()]
     which = _pick_which(which, available, step_dir)
     weights = step_dir / f"{which}.safetensors"
+    problem = None if verified else _weights_problem(step_dir, which)
+    if problem is not None:
+        raise CheckpointRefused(f"{step_dir}: damaged, {problem}; use an older step folder (or the run folder, "
+                                "which falls back to the newest intact one) or restore the file from a copy")
     ckpt = _from_state_dict(_load_safetensors(weights), weights)
     meta = _read_json(step_dir / "meta.json")
     run_model, run_digest = _run_config(run_dir)
@@ -241,6 +300,10 @@ def _read_export_dir(export_dir: Path, which: str | None) -> Checkpoint:
     if which is not None and exported_which is not None and which != exported_which:
         raise CheckpointRefused(f"{export_dir}: is an export of the {exported_which}, not the {which}")
     weights = export_dir / "backbone.safetensors"
+    recorded = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
+    problem = _file_problem(weights, None, recorded.get("sha256"))
+    if problem is not None:
+        raise CheckpointRefused(f"{export_dir}: damaged export, {problem}; export it again from its run")
     ckpt = _from_state_dict(_load_safetensors(weights), weights)
     ckpt.model_name, ckpt.model_kwargs = _model_from_meta(meta)
     ckpt.which = exported_which

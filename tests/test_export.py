@@ -250,10 +250,16 @@ def test_refusals_name_the_file_and_what_is_accepted(tmp_path):
         read_checkpoint(tmp_path / "teacher_only.pth", "student")
 
 
-def test_incomplete_run_and_existing_output(tmp_path):
-    r = make_run(tmp_path, with_latest=False)
+def test_incomplete_run_and_existing_output(tmp_path, caplog):
+    r = make_run(tmp_path, with_latest=False)  # as the trainer resumes it: from the newest complete step
+    with caplog.at_level("WARNING"):
+        export(r["run"], tmp_path / "from_run")
+    assert "without checkpoints/latest" in caplog.text and "reading the newest complete checkpoint" in caplog.text
+    assert json.loads((tmp_path / "from_run" / "meta.json").read_text())["step"] == 10
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointRefused, match="without checkpoints/latest"):
-        export(r["run"], tmp_path / "out")
+        export(empty, tmp_path / "nothing")
     out = export(r["step_dir"], tmp_path / "out", include_head=True)
     with pytest.raises(FileExistsError, match="overwrite"):
         export(r["step_dir"], tmp_path / "out")
@@ -321,3 +327,73 @@ def test_export_is_a_timm_local_dir_and_hub_folder(tmp_path):
     _assert_same_state(model, r["nets"]["teacher"][0].state_dict())
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm") and "knn_top1 | 0.42" in card and "local-dir:" in card
+
+
+def _record_files(step_dir: Path) -> None:
+    """What the trainer writes into meta.json at save time: the size and sha256 of every file."""
+    from ssl_container.run_folder import folder_files
+
+    meta = json.loads((step_dir / "meta.json").read_text())
+    meta["files"] = folder_files(step_dir)
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def _flip(path: Path, n: int = 400) -> None:
+    """n bytes of the tensor data inverted in place: same size, a plausible file, wrong weights."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - n, len(data)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_by_every_reader_and_a_run_folder_falls_back(tmp_path, capsys, caplog):
+    import timm
+
+    from ssl_container.cli import main
+
+    older = make_run(tmp_path, kwargs={}, step=10, networks=("teacher",))
+    newer = make_run(tmp_path / "n", kwargs={}, step=20, networks=("teacher",))
+    run = older["run"]
+    os.replace(newer["step_dir"], run / "checkpoints" / "step_00000020")
+    (run / "checkpoints" / "latest").write_text("step_00000020\n")
+    damaged = run / "checkpoints" / "step_00000020"
+    for step_dir in (older["step_dir"], damaged):
+        _record_files(step_dir)
+    assert load_backbone(run).state_dict().keys()  # intact: step 20 is read
+    assert read_checkpoint(run).step == 20
+    weights = damaged / "teacher.safetensors"
+    size = weights.stat().st_size
+    _flip(weights)
+    assert weights.stat().st_size == size
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    # The step folder itself: refused by every reader, with the fix.
+    for read in (lambda: read_checkpoint(damaged), lambda: load_backbone(damaged), lambda: export(damaged, tmp_path / "x")):
+        with pytest.raises(CheckpointRefused, match=r"step_00000020: damaged, teacher\.safetensors does not match the sha256"):
+            read()
+    assert main(["export", str(damaged), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" in err[0] and "restore the file from a copy" in err[0]
+    assert not (tmp_path / "x").exists()
+
+    # The run folder: the newest intact step, said out loud.
+    with caplog.at_level("WARNING"):
+        ckpt = read_checkpoint(run)
+    assert ckpt.step == 10 and any("read step_00000010 instead, the newest intact checkpoint" in n for n in ckpt.notes)
+    assert "step_00000020 is damaged" in caplog.text
+    _assert_same_state(load_backbone(run), older["nets"]["teacher"][0].state_dict())
+    out = export(run, tmp_path / "export")
+    assert json.loads((out / "meta.json").read_text())["step"] == 10
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the readers wrote nothing
+
+    # An export damaged after it was written: timm's loading and load_backbone refuse it too.
+    _flip(out / "backbone.safetensors")
+    with pytest.raises(RuntimeError, match="does not match the sha256 recorded"):
+        timm.create_model("container_light", pretrained=True, num_classes=0,
+                          pretrained_cfg_overlay=dict(file=str(out / "backbone.safetensors")))
+    with pytest.raises(CheckpointRefused, match="sha256"):
+        load_backbone(out)
+    # Nothing intact at all: a refusal naming each damaged step.
+    _flip(older["step_dir"] / "teacher.safetensors")
+    with pytest.raises(CheckpointRefused, match=r"no intact checkpoint \(step_00000020 is damaged .*step_00000010 is damaged"):
+        read_checkpoint(run)

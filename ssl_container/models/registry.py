@@ -54,8 +54,42 @@ _CFG = dict(
 )
 
 
+def _check_recorded_digest(path: str) -> None:
+    """A weights file inside one of this project's step or export folders must match the sha256 its
+    meta.json recorded when it was written (the trainer refuses such a file; so does timm loading).
+    Plain files without that record are taken as they are."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    meta_path = file.parent / "meta.json"
+    if not (file.is_file() and meta_path.is_file()):
+        return
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return
+    recorded = (meta.get("files") or {}).get(file.name) or {}
+    if not recorded and file.name in ("backbone.safetensors", "model.safetensors"):
+        recorded = meta.get("weights") or {}
+    want = recorded.get("sha256") if isinstance(recorded, dict) else None
+    if not want:
+        return
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    if h.hexdigest() != want:
+        raise RuntimeError(f"{file} does not match the sha256 recorded in {meta_path} when it was written: it is "
+                           "damaged. Use an older checkpoint or restore the file from a copy.")
+
+
 def _build(variant: str, pretrained: bool = False, **kwargs: Any) -> Container:
     args = {**MODEL_ARGS[variant], **kwargs}
+    overlay = args.get("pretrained_cfg_overlay") or {}
+    if pretrained and isinstance(overlay, dict) and overlay.get("file"):
+        _check_recorded_digest(overlay["file"])
     try:
         from timm.models import build_model_with_cfg
     except ImportError:  # timm is a dependency, but keep the models usable without it
