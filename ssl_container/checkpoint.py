@@ -98,6 +98,8 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             if folder.exists():  # a leftover of an interrupted save of this very step
                 shutil.rmtree(folder)
+        if D.is_main():
+            self._prune_before(tag)  # what keep_last lets go makes room first: the advice below is then true
         room = self._room_for_one_more() if D.is_main() else None
         if not D.all_reduce_min(room is None, getattr(engine, "device", torch.device("cpu"))):
             raise CheckpointError(room or "another rank found no room for the checkpoint")
@@ -128,6 +130,7 @@ class CheckpointManager:
                 f"checkpoint ({self.latest() or 'none'}) is intact and the run resumes from it."
             ) from err
         self._resume_tag = False  # the next resume_point() looks again
+        self._last_good = tag
         D.barrier()
         return folder
 
@@ -140,9 +143,27 @@ class CheckpointManager:
         free = shutil.disk_usage(self.root).free
         if free >= need:
             return None
+        fix = ("Free some space or lower checkpoint.keep_last (now " + str(self.keep_last) + "), then restart"
+               if self.keep_last > 1 else
+               "With checkpoint.keep_last=1 the disk must still hold two checkpoints while the new one is written "
+               "(the newest stays until then): free some space or move run_dir, then restart")
         return (f"not enough disk space for a checkpoint in {self.root}: {free / 2**20:.1f} MiB free, the last "
-                f"checkpoint took {need / 1.1 / 2**20:.1f} MiB. Free some space (or lower checkpoint.keep_last) and "
-                f"restart: the run resumes from {previous[-1].name}, which is intact.")
+                f"checkpoint took {need / 1.1 / 2**20:.1f} MiB. {fix}: the run resumes from {previous[-1].name}, "
+                "which is intact.")
+
+    def _prune_before(self, tag: str) -> None:
+        """Before ``tag`` is written: keep the ``keep_last - 1`` newest complete checkpoints before it,
+        and always the newest one (what a resume would use until ``tag`` is complete)."""
+        older = [t for t in self.complete_steps() if t < tag]
+        if not older:
+            return
+        keep = set(older[-(self.keep_last - 1):]) if self.keep_last > 1 else set()
+        good, latest = getattr(self, "_last_good", None), self.latest()  # known intact: resumed from or written
+        keep.add(good if good in older else latest if latest in older else older[-1])
+        for t in older:
+            if t not in keep:
+                shutil.rmtree(self.root / t, ignore_errors=True)
+                shutil.rmtree(self.root / f"{t}_universal", ignore_errors=True)
 
     def _prune(self, keep: str) -> None:
         """Keep the newest ``keep_last`` complete checkpoints up to ``keep`` (just written, intact).
@@ -188,7 +209,7 @@ class CheckpointManager:
             if problem is None:
                 if damaged:
                     log.warning("resuming from %s instead: %s", tag, "; ".join(damaged))
-                self._resume_tag = tag
+                self._resume_tag = self._last_good = tag
                 return tag
             damaged.append(f"{tag} is damaged ({problem})")
             log.warning("checkpoint %s is damaged: %s", self.root / tag, problem)
@@ -246,12 +267,12 @@ class CheckpointManager:
             load_path, _ = engine.load_checkpoint(str(self.root), tag=f"{tag}_universal" if universal else tag,
                                                        load_module_strict=True)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {folder}; its files may be damaged. Remove {folder} "
+            raise CheckpointError(f"DeepSpeed could not load {folder}; its files may be damaged. Remove {folder} "
                                f"and point {self.root / 'latest'} at an older step folder to resume from there.")
         for name, obj in stateful.items():
             path = folder / f"{name}.safetensors"
             if not path.is_file():
-                raise RuntimeError(f"checkpoint {folder} has no {path.name}; this run needs {sorted(stateful)}. "
+                raise CheckpointError(f"checkpoint {folder} has no {path.name}; this run needs {sorted(stateful)}. "
                                    "Resume with the version that wrote it, or use a new run_dir.")
             obj.load_state_dict(load_file(str(path), device="cpu"), strict=True)
         state = TrainState.from_dict(meta["train_state"])
@@ -261,7 +282,7 @@ class CheckpointManager:
     def check_compatible(self, meta: dict[str, Any], folder: Path) -> None:
         for key in ("model", "head"):
             if meta.get(key) != self.meta.get(key):
-                raise RuntimeError(
+                raise CheckpointError(
                     f"checkpoint {folder} was written for {key}={meta.get(key)}, but this run has "
                     f"{key}={self.meta.get(key)}. Resume with the original config, or use a new run_dir."
                 )

@@ -94,6 +94,11 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
+def slurm_job_id(environ: dict[str, str] | None = None) -> str | None:
+    """The Slurm job this process belongs to (None outside Slurm): a requeued job keeps its id."""
+    return (os.environ if environ is None else environ).get("SLURM_JOB_ID") or None
+
+
 def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_minutes: int = 30) -> DistEnv:
     """Create the default process group (also for one process, so the code path is the same)."""
     env = env or resolve_env()

@@ -33,11 +33,12 @@ from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapp
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher)
 from ssl_container.models import create_model
+from ssl_container.run_lock import RunFolderBusy, RunLock
 from ssl_container.runtime import retain_freed_memory
 
 log = logging.getLogger("ssl_container.train")
 
-__all__ = ["Run", "StepRecord", "build_run", "build_student", "data_config", "dino_step"]
+__all__ = ["Run", "StepRecord", "build_run", "build_student", "check_shards", "data_config", "dino_step"]
 
 # Steps whose loss is replaced by NaN, to exercise the skip/stop logic end to end (tests only).
 _FAULT_NAN_STEPS = {int(s) for s in os.environ.get("SSL_CONTAINER_FAULT_NAN_STEPS", "").split(",") if s.strip()}
@@ -54,7 +55,7 @@ def build_student(cfg: TrainConfig) -> MultiCropWrapper:
 def data_config(cfg: TrainConfig) -> TrainDataConfig:
     """The data section, which is the stream's config, with the run's seed where it names none."""
     if not cfg.data.urls:
-        raise ValueError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
+        raise ConfigError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
     return cfg.data if cfg.data.seed is not None else replace(cfg.data, seed=cfg.seed)
 
 
@@ -80,6 +81,7 @@ class Run:
     # a copy taken before each step into ``saved_buffers`` (allocated once; one multi-tensor copy).
     buffers: list[torch.Tensor] = field(default_factory=list)
     saved_buffers: list[torch.Tensor] = field(default_factory=list)
+    lock: RunLock | None = None  # rank 0's hold on the run folder (run_lock.py); released by close()
 
     def __post_init__(self) -> None:
         self.saved_buffers = [b.clone() for b in self.buffers]
@@ -99,6 +101,11 @@ class Run:
         return epoch, make_train_loader(self.data, self.env.rank, self.env.world_size, epoch,
                                         start_step=in_epoch * self.cfg.engine.grad_accum_steps, device=self.device,
                                         base=self.state.base_in(epoch))
+
+    def close(self) -> None:
+        """Let another trainer have the run folder."""
+        if self.lock is not None:
+            self.lock.release()
 
     def save(self) -> Path:
         return self.checkpoints.save(self.engine, self.state, self.stateful, self.schedule_step // self.iters_per_epoch)
@@ -135,6 +142,29 @@ def _disable_drop_path(model: nn.Module) -> None:
             m.drop_prob = 0.0
 
 
+def check_shards(cfg: TrainConfig) -> None:
+    """Local shards that are missing or unreadable fail here, before the run folder is touched."""
+    from ssl_container.data.sources import expand_urls, local_path
+
+    if not cfg.data.urls:
+        raise ConfigError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
+    try:
+        urls = expand_urls(cfg.data.urls)
+    except ValueError as err:
+        raise ConfigError(f"data.urls: {err}") from None
+    paths = [p for p in map(local_path, urls) if p is not None and not p.startswith("pipe:")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    unreadable = [p for p in paths if p not in missing and not os.access(p, os.R_OK)]
+    if missing:
+        how = ("`ssl-container demo` makes a small shard set (Fashion-MNIST), `ssl-container shards write` packs an "
+               "image folder; point data.urls at them")
+        raise ConfigError(f"data.urls: {len(missing)} of the {len(urls)} training shards are missing (first: "
+                          f"{missing[0]}). {how}.")
+    if unreadable:
+        raise ConfigError(f"data.urls: {len(unreadable)} of the {len(urls)} training shards cannot be read (first: "
+                          f"{unreadable[0]}): check their permissions.")
+
+
 def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
     """Crop sizes the backbone cannot take fail here, naming the keys, not at the first step."""
     stride = getattr(backbone, "total_stride", None)
@@ -144,7 +174,7 @@ def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
     sizes = {"data.crops.global_size": c.global_size, **({"data.crops.local_size": c.local_size} if c.n_local else {})}
     bad = {k: v for k, v in sizes.items() if v % stride}
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.model.name} needs crop sizes divisible by its total stride {stride}: "
             + ", ".join(f"{k}={v}" for k, v in bad.items())
             + " (e.g. " + ", ".join(f"{k}={max(stride, round(v / stride) * stride)}" for k, v in bad.items()) + ")")
@@ -233,7 +263,30 @@ def _check_carried_streams(state: TrainState, cfg: TrainConfig, iters_per_epoch:
 def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None = None) -> Run:
     """Models, engine, teacher, loss, schedules and checkpoints of ``cfg``, resumed from the newest
     complete checkpoint in its run folder when ``checkpoint.resume`` (or ``resume``) says so. The
-    process group must already exist (``distributed.init_distributed``)."""
+    process group must already exist (``distributed.init_distributed``).
+
+    Rank 0 locks the run folder first (``Run.close`` lets it go): a second trainer on the same folder
+    is refused before it writes anything."""
+    lock = RunLock(cfg.run_dir) if env.is_main else None
+    refusal = lock.acquire() if lock is not None else None
+    if not D.all_reduce_min(refusal is None, device):
+        if lock is not None:
+            lock.release()
+            lock.remove_created_dir()
+        raise RunFolderBusy(refusal or f"{cfg.run_dir} is in use by another trainer (rank 0's message names it)")
+    try:
+        run = _build_run(cfg, env, device, resume, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            lock.remove_created_dir()
+        raise
+    run.lock = lock
+    return run
+
+
+def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None,
+               lock: RunLock | None) -> Run:
     run_dir = Path(cfg.run_dir)
     precision = effective_precision(cfg, device)
     _set_cpu_threads(cfg, env, device)
@@ -242,7 +295,11 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
 
     # --- models: identical initial weights on every rank, distribution applied from outside ---------
     torch.manual_seed(cfg.seed)
-    student = D.maybe_sync_batchnorm(build_student(cfg), device).to(device)
+    try:
+        student = build_student(cfg)
+    except ValueError as err:  # an unknown model name, or kwargs it does not take
+        raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
+    student = D.maybe_sync_batchnorm(student, device).to(device)
     if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels and not cfg.engine.compile:
         use_fast_cpu_kernels(student)  # the teacher, a deep copy, inherits them (compiled blocks: inductor's own)
     teacher = make_teacher(student)
@@ -261,7 +318,8 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
     micro_per_epoch = steps_per_epoch(dcfg, env.world_size)
     iters_per_epoch = micro_per_epoch // accum
     if iters_per_epoch < 1:
-        raise ValueError(f"an epoch has {micro_per_epoch} batches per rank, fewer than engine.grad_accum_steps={accum}")
+        raise ConfigError(f"an epoch has {micro_per_epoch} batches per rank, fewer than engine.grad_accum_steps={accum}: "
+                          "raise data.samples_per_epoch or lower engine.grad_accum_steps")
     sched = DINOSchedules(cfg.epochs, iters_per_epoch, cfg.data.batch_size * accum * env.world_size, cfg.schedule)
 
     # --- checked before anything is written: crops, the run folder's checkpoints ----------------------
@@ -283,7 +341,11 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
                 "run_dir, or checkpoint.overwrite=true, which renames the old run folder to "
                 f"{run_dir.name}.replaced-<time> and starts fresh (nothing is deleted). Nothing has been changed.")
         if env.is_main:
+            lock.release()  # the lock file goes with the old folder otherwise
             log.warning("checkpoint.overwrite=true: the previous run is now %s", move_aside(run_dir))
+            refusal = lock.acquire()
+            if refusal:
+                raise RunFolderBusy(refusal)
         D.barrier()
     elif resume and existing:
         meta = ckpt.peek()  # verifies the checkpoint's files; falls back to the newest intact one

@@ -17,7 +17,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +30,10 @@ from ssl_container.dino import CollapseMonitor
 from ssl_container.engine import select_device
 from ssl_container.knn import OnlineKNN
 from ssl_container.metrics import MetricsLogger, plot_run
-from ssl_container.run import Run, build_run, build_student, data_config, dino_step
+from ssl_container.run_folder import CheckpointError
+from ssl_container.run_lock import RunFolderBusy
+from ssl_container.run import Run, build_run, build_student, check_shards, data_config, dino_step
+from ssl_container.signals import GracefulStop, exit_code
 from ssl_container.files import atomic_write_json
 from ssl_container.trackers import Trackers, open_trackers
 
@@ -44,6 +46,11 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+# Refusals before any work (bad config, crops, model, shards, a busy or unwritable run folder, a
+# checkpoint that cannot be resumed): each message names the problem and the fix.
+REFUSALS = (ConfigError, CheckpointError, RunFolderBusy)
+
+
 class StoppedBySignal(Exception):
     """SIGTERM / SIGINT: the step in flight finished and a checkpoint was saved."""
 
@@ -53,48 +60,43 @@ class StoppedBySignal(Exception):
                          "run the same command again to resume from it")
 
 
-class _StopSignals:
-    """SIGTERM and SIGINT ask the loop to stop after the current step (with a checkpoint); a second
-    one acts at once (the default action is put back). Handlers someone else installed (submitit's,
-    a notebook's) are left in place, and so is Slurm's USR2 path."""
+def train(cfg: TrainConfig, take_signals: Sequence[int] = ()) -> dict[str, Any]:
+    """Run (or resume) the DINO pretraining described by ``cfg``; returns a summary dict.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    DEFAULTS = (signal.SIG_DFL, signal.default_int_handler)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        log.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
-                    signal.Signals(signum).name)
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                if signal.getsignal(s) in self.DEFAULTS:
-                    self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) the DINO pretraining described by ``cfg``; returns a summary dict."""
+    SIGTERM / SIGINT (to this process or its whole group) from the very start: the run stops at the
+    next step boundary with a checkpoint and raises :class:`StoppedBySignal`. ``take_signals``: more
+    signals that stop it the same way, taken over from whoever handles them (a launcher's requeue
+    warning)."""
+    check_shards(cfg)  # before anything is written
     env = D.resolve_env()
     device = select_device(cfg, env.local_rank)
-    D.init_distributed(device, env)
-    try:
-        return _train(build_run(cfg, env, device))
-    finally:
-        D.cleanup()
+    with GracefulStop(announce=env.is_main, take=tuple(take_signals)) as stops:
+        D.init_distributed(device, env)
+        run = None
+        try:
+            run = build_run(cfg, env, device)
+            return _train(run, stops)
+        finally:
+            if run is not None:
+                run.close()
+            D.cleanup()
 
 
-def _train(run: Run) -> dict[str, Any]:
+def _stop_if_asked(run: Run, stops: GracefulStop, metrics: MetricsLogger) -> None:
+    """At a step boundary: if any rank received a stop signal, every rank saves and stops here."""
+    if run.env.world_size == 1 and stops.received is None:
+        return
+    if D.all_reduce_min(stops.received is None, run.device):
+        return
+    tag = f"step_{run.state.step:08d}"
+    # Stopped before a step since the last save (during start-up, say): that checkpoint is the state.
+    folder = run.checkpoints.root / tag if run.checkpoints.latest() == tag else run.save()
+    if run.env.is_main:
+        metrics.event("stopped", step=run.state.step, signal=stops.received or 0, checkpoint=str(folder))
+    raise StoppedBySignal(stops.received or signal.SIGTERM, folder, run.state.step)
+
+
+def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
     cfg, env, state = run.cfg, run.env, run.state
     metrics = MetricsLogger(run.run_dir, env.is_main, run.total_steps, state.step, cfg.logging.every_steps,
                             _trackers(cfg, state.step) if env.is_main else None, cfg.logging.progress)
@@ -106,13 +108,12 @@ def _train(run: Run) -> dict[str, Any]:
     collapse = CollapseMonitor(cfg.head.out_dim, rows=cfg.data.crops.n_global * cfg.data.batch_size)
     batches = None
     failed = True
-    stops = _StopSignals()
     try:
-        stops.__enter__()
         while state.step < run.total_steps:
             epoch, loader = run.epoch_loader()
             batches = iter(loader)
             while state.step < run.total_steps and run.schedule_step // run.iters_per_epoch == epoch:
+                _stop_if_asked(run, stops, metrics)  # before each step: a signal in start-up or an epoch change too
                 record = dino_step(run, batches).metrics
                 record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
                 metrics.log(state.step, record)
@@ -129,13 +130,6 @@ def _train(run: Run) -> dict[str, Any]:
                         "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
                         "schedule.warmup_epochs and restart from the same run_dir to resume."
                     )
-                # Every rank stops at the same step, even if only one received the signal.
-                if env.world_size > 1 or stops.received is not None:
-                    if not D.all_reduce_min(stops.received is None, run.device):
-                        folder = run.save()
-                        if env.is_main:
-                            metrics.event("stopped", step=state.step, signal=stops.received or 0, checkpoint=str(folder))
-                        raise StoppedBySignal(stops.received or signal.SIGTERM, folder, state.step)
                 if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
                     run.save()
             _close(batches)
@@ -144,7 +138,6 @@ def _train(run: Run) -> dict[str, Any]:
                 metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
         failed = False
     finally:
-        stops.__exit__()
         try:
             _close(batches)
         except Exception:
@@ -217,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoppedBySignal as stop:
         if D.resolve_env().is_main:
             print(f"ssl-container train: {stop}", file=sys.stderr)
-        return 128 + stop.signum  # the shell's convention for "terminated by signal N"
+        return exit_code(stop.signum)
+    except REFUSALS as err:
+        # Worked out the same way on every rank: one line from rank 0, no traceback.
+        if D.resolve_env().is_main:
+            print(f"ssl-container train: {err}", file=sys.stderr)
+        return 2
     if D.resolve_env().is_main:
         print(json.dumps(summary))
     return 0

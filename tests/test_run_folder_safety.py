@@ -17,6 +17,10 @@ from test_train import pytestmark  # noqa: F401
 STEPS = ("max_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=5")
 
 
+def _refusal(proc):
+    return [ln for ln in proc.stderr.splitlines() if ln.startswith("ssl-container train:")]
+
+
 def _steps(run):
     return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
 
@@ -27,7 +31,7 @@ def test_fresh_start_over_checkpoints_refuses_and_overwrite_moves_the_old_run_as
     before = _steps(run)
     config_before = (run / "config.yaml").read_text()
     proc = _run(run, "max_steps=2", "checkpoint.resume=false", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and len(_refusal(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "checkpoint.resume=false" in proc.stderr and "checkpoint.overwrite=true" in proc.stderr
     assert _steps(run) == before and (run / "config.yaml").read_text() == config_before  # untouched
     _run(run, "max_steps=2", "checkpoint.resume=false", "checkpoint.overwrite=true")
@@ -51,7 +55,9 @@ def test_refused_resume_rewrites_nothing(tmp_path):
     _run(run, "max_steps=2", "checkpoint.every_steps=2")
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     proc = _run(run, "max_steps=4", "head.out_dim=128", check=False)
-    assert proc.returncode != 0 and "out_dim" in proc.stderr and "new run_dir" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = _refusal(proc)
+    assert "out_dim" in line and "new run_dir" in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
@@ -119,6 +125,23 @@ def test_full_disk_never_leaves_a_partial_checkpoint(tmp_path, size, message):
         assert all((run / "checkpoints" / s / "meta.json").is_file() for s in steps)  # none partial
         assert len(steps) == (2 if size == "24m" else 0)
         assert not [p for p in run.rglob("*.tmp")]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_keep_last_1_on_a_disk_that_holds_two_checkpoints_trains_to_the_end(tmp_path):
+    """The disk-full advice ("lower checkpoint.keep_last") must be true: older checkpoints that keep_last
+    lets go are pruned before the room check, so a disk that holds two checkpoints suffices for keep_last=1
+    (the newest intact one stays until the new one is complete)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root in a machine that allows mounts)")
+    try:
+        run = mnt / "r"
+        proc = _run(run, "max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=1", check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert _steps(run) == ["step_00000008"]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
@@ -274,3 +297,34 @@ def test_carried_position_for_other_epoch_lengths_and_at_boundaries():
     assert carry(6, "data.batch_size=2", "data.num_workers=2", iters=12) == (-6, None)  # streams may change there
     with pytest.raises(CheckpointError, match="keep data.num_workers=1"):
         carry(3, "data.batch_size=2", "data.num_workers=2", iters=12)
+
+
+@pytest.mark.parametrize("case", ["crop", "model", "missing-shards", "read-only"])
+def test_a_refusal_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    """Each refusal names the problem and the fix in one line (no rank-prefixed traceback), exits 2,
+    and leaves no run folder behind (a missing shard used to leave config.yaml, deepspeed_config.json
+    and metrics.jsonl)."""
+    run, extra, expected = tmp_path / "r", [], ""
+    if case == "crop":
+        extra, expected = ["data.crops.global_size=70"], "data.crops.global_size=70 (e.g. data.crops.global_size=64)"
+    elif case == "model":
+        extra, expected = ["model.name=container_huge"], "model.name=container_huge: "
+    elif case == "missing-shards":
+        extra, expected = [f"data.urls=[{tmp_path}/gone-{{000000..000003}}.tar]"], "4 of the 4 training shards are missing"
+    else:
+        mnt = tmp_path / "ro"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a read-only tmpfs here (needs root in a machine that allows mounts)")
+        run, expected = mnt / "r", f"cannot write in the run folder {mnt / 'r'}"
+    try:
+        proc = _run(run, "max_steps=2", *extra, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]
+        [line] = _refusal(proc)
+        assert expected in line, line
+        assert not run.exists()
+    finally:
+        if case == "read-only":
+            subprocess.run(["umount", str(tmp_path / "ro")], capture_output=True)
