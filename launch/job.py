@@ -14,13 +14,14 @@ Each task of a job (one per GPU; ``srun`` starts them, or submitit's local execu
 3. runs the work: ``ssl_container.train.train(cfg)``, which resumes from the newest complete
    checkpoint in ``cfg.run_dir`` by itself, or ``python -m eval.<name> ...``.
 
-On time-out or preemption Slurm sends USR2; submitit's handler calls :meth:`TrainJob.checkpoint` on
-rank 0, inside the signal handler. It only returns a fresh submission (the same config, one requeue
-more) and touches neither the process group nor the checkpoint files: the collective save cannot be
-run from a handler that interrupted one rank at an arbitrary point. submitit then requeues the job
-(``scontrol requeue``); the requeued job resumes from the newest complete checkpoint on disk, losing
-at most ``checkpoint.every_steps`` steps. After ``max_requeues`` requeues ``checkpoint`` returns
-``None`` and the job ends with submitit's "Job not requeued" error instead of looping.
+Before the time limit or at a preemption Slurm sends USR2 to every task. The trainer records it like
+SIGTERM: the ranks agree on the next step boundary, save a checkpoint there and stop; then rank 0 runs
+submitit's requeue path, which calls :meth:`TrainJob.checkpoint` (it only returns a fresh submission:
+the same config, one requeue more) and ``scontrol requeue``. The requeued job resumes from the step the
+warning arrived at. After ``max_requeues`` requeues ``checkpoint`` returns ``None`` and the job ends with
+submitit's "Job not requeued" error (the checkpoint is on disk: the same launch command resumes it).
+SIGTERM without a warning (scancel, a preemption without grace time) saves and ends the job the same
+way, without the requeue.
 """
 from __future__ import annotations
 
@@ -142,9 +143,24 @@ class TrainJob(submitit.helpers.Checkpointable):
             append_jsonl(run_dir / "launch.jsonl", _start_record("train", dist_env, self.requeues))
         log.info("task %d/%d of job %s (requeue %d of at most %d), run folder %s", dist_env.rank,
                  dist_env.world_size, submitit.JobEnvironment().job_id, self.requeues, self.max_requeues, run_dir)
-        from ssl_container.train import train  # after the environment is in place
+        from ssl_container.train import StoppedBySignal, train  # after the environment is in place
 
-        return train(self.cfg)
+        # The trainer takes over SIGTERM, which submitit would ignore ("bypass"): at scancel or a
+        # preemption without warning every rank finishes its step and saves. And the requeue warning
+        # (USR2): the ranks first agree on a step, save it, and only then does rank 0 run submitit's
+        # requeue, so the requeued job goes on from that very step instead of redoing the steps since
+        # the last periodic checkpoint.
+        warning = preemption_signal()
+        requeue = signal.getsignal(warning)
+        try:
+            return train(self.cfg, take_signals=(signal.SIGTERM, warning))
+        except StoppedBySignal as stop:
+            if stop.signum != warning or not callable(requeue):
+                raise
+            log.warning("%s: requeueing", stop)
+            requeue(warning, None)  # rank 0: checkpoint() + scontrol requeue + exit; other ranks: returns
+            # Not an error result: the requeued job is already on its way (submitit's own exit, as on rank 0).
+            sys.exit(-1)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
         """Runs inside the USR2 handler of rank 0 only: no collective, no checkpoint I/O. The fresh

@@ -151,8 +151,9 @@ def test_two_task_job_runs_to_completion(cluster, reference):
 
 
 def test_interrupted_job_requeues_resumes_and_matches(cluster, reference, tmp_path):
-    """USR2 as Slurm sends it before the time limit: rank 0's checkpoint() returns a fresh submission,
-    submitit requeues the job, the requeued job resumes from the newest complete checkpoint."""
+    """USR2 as Slurm sends it before the time limit: every rank finishes its step and saves, then rank 0's
+    checkpoint() returns a fresh submission, submitit requeues the job, and the requeued job resumes
+    from the step the warning arrived at."""
     ref_run = reference[0]
     run = tmp_path / "b"
     sub = submit_train(None, tiny(run), cpu_options(2))
@@ -180,7 +181,8 @@ def test_interrupted_job_requeues_resumes_and_matches(cluster, reference, tmp_pa
     assert ("REQUEUED" in {s for _, s in _sacct_states(job_id)}), _sacct_states(job_id)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
     resumed = [e["step"] for e in events if e.get("event") == "resume"]
-    assert len(resumed) == 1 and signalled_at <= resumed[0] < STEPS, resumed
+    [stopped] = [e["step"] for e in events if e.get("event") == "stopped"]  # saved at the warning, then requeued
+    assert len(resumed) == 1 and signalled_at <= stopped == resumed[0] < STEPS, (stopped, resumed)
 
     from ssl_container.metrics import read_metrics
 
@@ -191,6 +193,42 @@ def test_interrupted_job_requeues_resumes_and_matches(cluster, reference, tmp_pa
     assert ours.keys() == ref.keys()
     different = [k for k in ref if not torch.equal(ours[k], ref[k])]
     assert not different, f"teacher weights differ from the uninterrupted run in {different[:5]}"
+
+
+def test_scancel_term_to_every_task_saves_and_the_restarted_job_resumes(cluster, reference, tmp_path):
+    """A preemption without grace time or `scancel --signal=TERM JOB`: SIGTERM to every task and its
+    loader worker. submitit ignored it ("Bypassing signal SIGTERM") and the steps since the last save
+    were lost at the SIGKILL; now every rank finishes its step, saves and stops, the submitter reads
+    one line, and the job started again resumes from that step (exactness against an uninterrupted
+    run is the USR2 test's and test_stop_signals'; this run is long enough to be caught mid-way).
+    (Not `--full`: srun turns a SIGTERM it receives itself into SIGKILL of its tasks at once, see
+    the README's Slurm section.)"""
+    run = tmp_path / "t"
+    no_periodic = "checkpoint.every_steps=1000"  # the checkpoint found later can only be the stop's own
+    sub = submit_train(None, [*tiny(run, 400), "epochs=100", no_periodic], cpu_options(2))
+    job_id = sub.job_ids[0]
+    metrics = run / "metrics.jsonl"
+    _wait_until(lambda: metrics.is_file() and metrics.read_text().count('"loss"') >= 2, 300, "two logged steps")
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
+    _wait_until(lambda: not _squeue_state(job_id), 120, "the signalled job to end")
+    logs = _logs(sub)
+    assert "Bypassing signal SIGTERM" not in logs and "killed by signal" not in logs, logs
+    stop_events = [json.loads(ln) for ln in metrics.read_text().splitlines() if '"stopped"' in ln]
+    assert len(stop_events) == 1, logs
+    stopped_at = stop_events[0]["step"]
+    assert 2 <= stopped_at < 400 and (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    with pytest.raises(JobFailedError, match=f"stopped by SIGTERM after step {stopped_at}: checkpoint saved"):
+        wait(sub, timeout_s=60)
+
+    again = submit_train(None, [*tiny(run, stopped_at + 2), "epochs=100", no_periodic], cpu_options(2))
+    for summary in _wait(again, cluster, 300)[0]:
+        assert summary["steps"] == stopped_at + 2 and summary["ranks_in_sync"], summary
+    events = [json.loads(ln) for ln in metrics.read_text().splitlines() if '"event"' in ln]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [stopped_at]
+    from ssl_container.metrics import read_metrics
+
+    steps = [r["step"] for r in read_metrics(metrics)]
+    assert steps == list(range(1, stopped_at + 3)), steps
 
 
 def test_failing_job_surfaces_its_error_to_the_submitter(cluster, tmp_path, capsys):
