@@ -22,7 +22,7 @@ demo: setup
 	@if [ ! -f ../shared/data/imagenette/dataset.json ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
 	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) || true; fi
-	$(PY) -m ssl_container demo
+	$(PY) -m ssl_container demo --overwrite
 
 test: setup system-packages
 	$(PY) -m pytest -q -rs

@@ -54,3 +54,23 @@ def test_demo_on_imagenette_prints_three_rows(tmp_path):
     proc = _demo(REPO, "--data", str(IMAGENETTE), "--steps", "3", "--eval-subset", "--out", str(tmp_path / "demo"))
     report = _check_report(tmp_path / "demo", proc, "imagenette", 982)
     assert report["steps"] == 3 and report["model"] == "container_light_narrow"
+
+
+def test_the_demo_never_replaces_earlier_outputs_without_overwrite(tmp_path, capsys):
+    """A file of the user's in runs/demo/pretrain was deleted without a word; now the demo refuses
+    before writing anything, and --overwrite replaces the demo's own outputs only."""
+    from ssl_container.cli.demo import _clear_earlier_outputs, main
+
+    out = tmp_path / "demo"
+    (out / "pretrain").mkdir(parents=True)
+    (out / "pretrain" / "mine.txt").write_text("keep me")
+    (out / "notes.md").write_text("mine too")
+    assert main(["--out", str(out), "--steps", "2", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} already holds pretrain" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.rglob("*")) == ["mine.txt", "notes.md", "pretrain"]  # untouched
+
+    (out / "demo.json").write_text("{}")
+    _clear_earlier_outputs(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]  # not the user's other files
+    assert "replacing" in capsys.readouterr().out

@@ -29,6 +29,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="dataset folder with dataset.json (default: ../shared/data/imagenette; "
                         "'fashion-mnist': Debian's Fashion-MNIST, what a machine without ../shared gets)")
     parser.add_argument("--out", default="runs/demo", help="output folder (pretraining run, export, report)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier demo left in --out (pretrain/, export/, pictures.png, demo.json); "
+                             "without it the demo refuses to touch them")
     parser.add_argument("--steps", type=int, default=None, help=f"DINO steps (default {demo_recipe()['max_steps']})")
     parser.add_argument("--seed", type=int, default=0, help="training seed (also the random-init floor's)")
     parser.add_argument("--eval-subset", action="store_true",

@@ -120,10 +120,35 @@ def draw_pictures(found: dict[str, Any], teacher: torch.nn.Module, random_backbo
     return visualize([teacher, random_backbone], images, path, titles=["DINO teacher", "random init"])
 
 
+OUTPUTS = ("pretrain", "export", "pictures.png", "demo.json")  # what a demo writes into --out
+
+
+class DemoOutputExists(RuntimeError):
+    pass
+
+
+def _clear_earlier_outputs(out_dir: Path, overwrite: bool) -> None:
+    """Each demo trains from scratch, so an earlier demo's outputs are in the way. They are replaced only
+    with ``--overwrite`` (and only those names: anything else in ``out_dir`` stays); otherwise refused
+    before anything is written."""
+    found = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise DemoOutputExists(
+            f"{out_dir} already holds {', '.join(p.name for p in found)} (an earlier demo, or a run of your own): "
+            f"pass --overwrite to replace them, or --out NEW_FOLDER; nothing was changed")
+    for path in found:
+        print(f"[demo] --overwrite: replacing {path}", flush=True)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
 def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None = None,
-             max_train_shards: int | None = None, max_val_shards: int | None = None, seed: int = 0) -> int:
+             max_train_shards: int | None = None, max_val_shards: int | None = None, seed: int = 0,
+             overwrite: bool = False) -> int:
     t_start = time.perf_counter()
     out_dir = Path(out)
+    _clear_earlier_outputs(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     found = find_data(data, out_dir)
     print(f"[demo] data: {found['name']} ({found['folder']})", flush=True)
@@ -133,8 +158,6 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     recipe = demo_recipe()
     recipe["data"].pop("urls", None)
     pretrain_dir = out_dir / "pretrain"
-    if pretrain_dir.exists():  # each demo starts from scratch rather than resuming the last one
-        shutil.rmtree(pretrain_dir)
     overrides = [f"run_dir={pretrain_dir}", f"data.urls=[{train_urls[0]}]", f"seed={seed}"]
     if steps:
         overrides.append(f"max_steps={steps}")
@@ -204,7 +227,11 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     limits = (3, 1) if args.eval_subset else (None, None)
-    return run_demo(args.data, args.out, args.steps, *limits, seed=args.seed)
+    try:
+        return run_demo(args.data, args.out, args.steps, *limits, seed=args.seed, overwrite=args.overwrite)
+    except DemoOutputExists as err:
+        print(f"ssl-container demo: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
