@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 log = logging.getLogger("ssl_container.signals")
 
-__all__ = ["GracefulStop", "Stopped", "STOP_SIGNALS", "stop_raises", "stoppable", "exit_code"]
+__all__ = ["GracefulStop", "Stopped", "StoppedBySignal", "STOP_SIGNALS", "stop_raises", "stoppable", "exit_code"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _DEFAULTS = (signal.SIG_DFL, signal.default_int_handler)
@@ -84,6 +84,15 @@ class GracefulStop:
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous.clear()
+
+
+class StoppedBySignal(Exception):
+    """The trainer's stop: the step in flight finished and a checkpoint was saved in ``folder``."""
+
+    def __init__(self, signum: int, folder: Any, step: int) -> None:
+        self.signum, self.folder, self.step = int(signum), folder, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}: checkpoint saved in {folder}; "
+                         "run the same command again to resume from it")
 
 
 class Stopped(BaseException):

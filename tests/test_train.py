@@ -152,6 +152,25 @@ def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(tmp_path):
         assert torch.equal(good[k], stopped[k]), k
 
 
+def test_help_and_config_refusals_answer_without_loading_torch():
+    """`python -m ssl_container.train --help` took 5 s and a config refusal 6-8 s: torch (and timm) loaded
+    before the arguments were read. The loop is now imported only once the config is good."""
+    probe = ("import sys, contextlib, io\n"
+             "from ssl_container.train import main\n"
+             "with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+             "    rc = main(['run_dir=/nonexistent/r', 'optim.lrr=1'])\n"
+             "assert rc == 2 and 'optim.lrr' in err.getvalue(), err.getvalue()\n"
+             "try:\n"
+             "    main(['--help'])\n"
+             "except SystemExit as e:\n"
+             "    assert e.code == 0\n"
+             "print(sorted(m for m in ('torch', 'timm', 'deepspeed') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_config_error_fails_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ssl_container", "train", f"run_dir={tmp_path}/r", "optim.lrr=1"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)

@@ -1,0 +1,172 @@
+"""The training loop, readable top to bottom: ``train(cfg)``.
+
+``build_run`` (run.py) makes the run: student in a DeepSpeed engine, EMA teacher, loss, schedules,
+checkpoints, resumed state. This module is the loop over ``dino_step`` (run.py: the teacher sees the
+global crops, the student all crops -> DINO loss -> backward and a scheduled update -> EMA): one
+WebDataset loader per epoch, metrics and collapse warnings per step, a checkpoint every
+``checkpoint.every_steps``, the online k-NN monitor at epoch ends, a stop signal honoured at a step
+boundary. The command line (``ssl_container.train``) imports it only once the config is good, so
+``--help`` and config refusals answer without loading torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ssl_container import distributed as D
+from ssl_container.config import TrainConfig, config_to_dict, flatten_config
+from ssl_container.dino import CollapseMonitor
+from ssl_container.engine import select_device
+from ssl_container.knn import OnlineKNN
+from ssl_container.metrics import MetricsLogger, plot_run
+from ssl_container.run import Run, build_run, check_shards, dino_step
+from ssl_container.signals import GracefulStop, StoppedBySignal
+from ssl_container.files import atomic_write_json
+from ssl_container.trackers import Trackers, open_trackers
+
+log = logging.getLogger("ssl_container.train")
+
+__all__ = ["train", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train(cfg: TrainConfig, take_signals: Sequence[int] = ()) -> dict[str, Any]:
+    """Run (or resume) the DINO pretraining described by ``cfg``; returns a summary dict.
+
+    SIGTERM / SIGINT (to this process or its whole group) from the very start: the run stops at the
+    next step boundary with a checkpoint and raises :class:`StoppedBySignal`. ``take_signals``: more
+    signals that stop it the same way, taken over from whoever handles them (a launcher's requeue
+    warning)."""
+    check_shards(cfg)  # before anything is written
+    env = D.resolve_env()
+    device = select_device(cfg, env.local_rank)
+    with GracefulStop(announce=env.is_main, take=tuple(take_signals)) as stops:
+        D.init_distributed(device, env)
+        run = None
+        try:
+            run = build_run(cfg, env, device)
+            return _train(run, stops)
+        finally:
+            if run is not None:
+                run.close()
+            D.cleanup()
+
+
+def _stop_if_asked(run: Run, stops: GracefulStop, metrics: MetricsLogger) -> None:
+    """At a step boundary: if any rank received a stop signal, every rank saves and stops here."""
+    if run.env.world_size == 1 and stops.received is None:
+        return
+    if D.all_reduce_min(stops.received is None, run.device):
+        return
+    tag = f"step_{run.state.step:08d}"
+    # Stopped before a step since the last save (during start-up, say): that checkpoint is the state.
+    folder = run.checkpoints.root / tag if run.checkpoints.latest() == tag else run.save()
+    if run.env.is_main:
+        metrics.event("stopped", step=run.state.step, signal=stops.received or 0, checkpoint=str(folder))
+    raise StoppedBySignal(stops.received or signal.SIGTERM, folder, run.state.step)
+
+
+def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
+    cfg, env, state = run.cfg, run.env, run.state
+    metrics = MetricsLogger(run.run_dir, env.is_main, run.total_steps, state.step, cfg.logging.every_steps,
+                            _trackers(cfg, state.step) if env.is_main else None, cfg.logging.progress)
+    if env.is_main:
+        log.info("DINO %s: %d steps (%d per epoch, %d epochs), %d rank(s), batch %d/rank, %s, ZeRO-%d, from step %d",
+                 cfg.model.name, run.total_steps, run.iters_per_epoch, cfg.epochs, env.world_size, cfg.data.batch_size,
+                 run.precision, cfg.engine.zero_stage, state.step)
+    monitor = OnlineKNN(cfg.monitor, env.rank, env.world_size, run.device) if cfg.monitor.every_epochs > 0 else None
+    collapse = CollapseMonitor(cfg.head.out_dim, rows=cfg.data.crops.n_global * cfg.data.batch_size)
+    batches = None
+    failed = True
+    try:
+        while state.step < run.total_steps:
+            epoch, loader = run.epoch_loader()
+            batches = iter(loader)
+            while state.step < run.total_steps and run.schedule_step // run.iters_per_epoch == epoch:
+                _stop_if_asked(run, stops, metrics)  # before each step: a signal in start-up or an epoch change too
+                record = dino_step(run, batches).metrics
+                record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
+                metrics.log(state.step, record)
+                warning = collapse.update(state.step, record)
+                if warning and env.is_main:
+                    log.warning(warning)
+                    metrics.event("collapse_warning", step=state.step, message=warning)
+                if state.consecutive_nonfinite >= cfg.max_nonfinite:
+                    folder = run.save()
+                    raise NonFiniteLossError(
+                        f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
+                        f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
+                        f"saved in {folder}. Usual causes: a learning rate too high for the batch (schedule.lr), fp16 "
+                        "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
+                        "schedule.warmup_epochs and restart from the same run_dir to resume."
+                    )
+                if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
+                    run.save()
+            _close(batches)
+            epoch_done, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
+            if monitor is not None and in_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
+                metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
+        failed = False
+    finally:
+        try:
+            _close(batches)
+        except Exception:
+            # Stopping (submitit's requeue exit, a crash) can race with the workers being signalled
+            # too; the loader's complaint must not replace the exception that is stopping the run.
+            if not failed:
+                raise
+            log.warning("the data loader did not shut down cleanly while the run was stopping", exc_info=True)
+        if failed:  # trackers record a stopped run as killed; a resume continues it
+            metrics.close(ok=False)
+    digests = _rank_digests(run.engine.module)
+    curves = plot_run(run.run_dir) if env.is_main else None
+    summary = {"run_dir": str(run.run_dir), "steps": state.step, "skipped_steps": state.skipped_steps,
+               "checkpoint": str(run.checkpoints.root / (run.checkpoints.latest() or "")),
+               "curves": str(curves) if curves else None,
+               "ranks_in_sync": len(set(digests)) == 1, "student_sha256_per_rank": digests}
+    if env.is_main:
+        atomic_write_json(run.run_dir / "summary.json", summary)
+        if not summary["ranks_in_sync"]:
+            log.error("student weights differ across ranks at the end of training: %s", digests)
+    metrics.close(artifacts=[curves, run.run_dir / "summary.json"])
+    # The ranks leave together: one that tore down its process group while rank 0 was still plotting
+    # was seen to abort in gloo's teardown (a resume at the final step, where no step paces them).
+    D.barrier()
+    return summary
+
+
+def _trackers(cfg: TrainConfig, start_step: int) -> Trackers:
+    """The run's trackers, with the resolved config as their parameters (rank 0 only)."""
+    lc = cfg.logging
+    backends = (["tensorboard"] if lc.tensorboard else []) + list(lc.backends)
+    trackers = open_trackers(backends, cfg.run_dir, start_step, experiment=lc.experiment, run_name=lc.run_name,
+                             mlflow_uri=lc.mlflow_uri, wandb_mode=lc.wandb_mode)
+    trackers.params(flatten_config(config_to_dict(cfg)))
+    return trackers
+
+
+def _rank_digests(module: nn.Module) -> list[str]:
+    """sha256 of the student's parameters on every rank: data parallelism must keep them identical."""
+    h = hashlib.sha256()
+    for _, p in sorted(module.named_parameters()):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [digest]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, digest)
+    return out
+
+
+def _close(loader) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
