@@ -96,6 +96,7 @@ class Checkpoint:
     config_sha256: str | None = None
     eval: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    trained_size: int | None = None  # the global crop side it was trained at (data.crops.global_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +195,23 @@ def _run_config(run_dir: Path | None) -> tuple[tuple[str, dict[str, Any]] | None
     return (_model_from_meta({"model": model}) if model else None), digest
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        import yaml
+
+        return yaml.safe_load(path.read_bytes())
+    except Exception:  # absent or unreadable: nothing recorded
+        return None
+
+
+def _global_crop(config: Any) -> int | None:
+    try:
+        size = config["data"]["crops"]["global_size"]
+    except (KeyError, TypeError):
+        return None
+    return int(size) if isinstance(size, int) else None
+
+
 def _pick_which(which: str | None, available: list[str], where: Path) -> str:
     if not available:
         raise CheckpointRefused(f"{where}: holds neither teacher.safetensors nor student.safetensors")
@@ -279,6 +297,8 @@ def _read_step_dir(step_dir: Path, which: str | None, run_dir: Path | None, kind
         ckpt.step = int(m.group(1))
     ckpt.config_sha256 = meta.get("config_sha256") or run_digest
     ckpt.eval = meta.get("eval") or None
+    run_config = _read_yaml(run_dir / "config.yaml") if run_dir else None
+    ckpt.trained_size = _global_crop(meta.get("config")) or _global_crop(run_config)
     if ckpt.head is not None:
         ckpt.head_config = meta.get("head") or _infer_head_config(ckpt.head)
     ckpt.source = {
@@ -309,6 +329,7 @@ def _read_export_dir(export_dir: Path, which: str | None) -> Checkpoint:
     ckpt.which = exported_which
     ckpt.step, ckpt.epoch = meta.get("step"), meta.get("epoch")
     ckpt.config_sha256, ckpt.eval = meta.get("config_sha256"), meta.get("eval")
+    ckpt.trained_size = (meta.get("resolution") or {}).get("trained")
     head_file = export_dir / "dino_head.safetensors"
     if head_file.is_file():
         ckpt.head = _load_safetensors(head_file)
@@ -540,12 +561,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: int = 224, opse
             "inputs": {"images": ["batch", 3, "height", "width"]}, "outputs": {"features": ["batch", "num_features"]}}
 
 
-def timm_config(model: nn.Module, name: str, model_args: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json in timm's pretrained-config format (what ``local-dir:`` and ``hf-hub:`` read)."""
+def timm_config(model: nn.Module, name: str, model_args: Mapping[str, Any], input_size: int | None = None,
+                crop_pct: float | None = None) -> dict[str, Any]:
+    """config.json in timm's pretrained-config format (what ``local-dir:`` and ``hf-hub:`` read).
+    ``input_size`` / ``crop_pct``: the resolution and crop the weights were trained and evaluated at
+    (timm's data config then prepares images the way they were seen), else the architecture's defaults."""
     base = dict(getattr(model, "pretrained_cfg", None) or {})
     keep = ("input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std", "pool_size",
             "first_conv", "license")
     pretrained_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in base.items() if k in keep}
+    if input_size:
+        stride = int(getattr(model, "total_stride", 32) or 32)
+        pretrained_cfg["input_size"] = [3, int(input_size), int(input_size)]
+        pretrained_cfg["pool_size"] = [max(1, int(input_size) // stride)] * 2
+    if crop_pct:
+        pretrained_cfg["crop_pct"] = float(crop_pct)
     pretrained_cfg.update({"tag": "dino", "custom_load": False, "num_classes": 0, "classifier": "head"})
     return {"architecture": name, "num_classes": 0, "num_features": getattr(model, "num_features", None),
             "model_args": _jsonable(dict(model_args)), "pretrained_cfg": pretrained_cfg}
@@ -557,6 +587,13 @@ def model_card(meta: Mapping[str, Any]) -> str:
     name = meta["model"]["name"]
     evals = meta.get("eval") or {}
     rows = "\n".join(f"| {k} | {v} |" for k, v in evals.items()) or "| (none recorded) | |"
+    size = (meta.get("resolution") or {}).get("trained")
+    trained = f", trained at {size}x{size} px" if size else ""
+    floors = ("The floors rows are the same protocol on a randomly initialised network of the same architecture "
+              "and on raw pixels: the pretraining is worth the distance from the better of them."
+              if any("floor" in k for k in evals) else
+              "No floors (random init, raw pixels under the same protocol) were recorded with these figures: "
+              "judge them against such floors before trusting them.")
     return f"""---
 library_name: timm
 license: apache-2.0
@@ -565,7 +602,7 @@ tags: [image-feature-extraction, self-supervised, dino, timm, ssl_container]
 # {name}, DINO-pretrained backbone
 
 A {name} backbone (no classifier, {meta['model'].get('num_features')} features) pretrained with DINO
-by [ssl_container](https://github.com/) ({meta.get('which') or 'backbone'} network, step {meta.get('step')}).
+by ssl_container ({meta.get('which') or 'backbone'} network, step {meta.get('step')}{trained}).
 Recipe digest (sha256 of the resolved training config): `{meta.get('config_sha256')}`.
 
 ## Evaluation
@@ -575,7 +612,7 @@ Recipe digest (sha256 of the resolved training config): `{meta.get('config_sha25
 {rows}
 
 k-NN figures use DINO's protocol (cosine similarity, weighted vote exp(sim / 0.07), k = 20) on the data named
-beside them; see the project's docs/performance.md for the floors (random init, raw pixels) under the same protocol.
+beside them. {floors}
 
 ## Use
 
@@ -659,6 +696,9 @@ def export(
         "epoch": ckpt.epoch,
         "config_sha256": ckpt.config_sha256,
         "eval": _jsonable(evals) if evals else None,
+        # what config.json tells timm's data config: the side it was trained at, evaluated at, and the crop
+        "resolution": {"trained": ckpt.trained_size, "evaluated": (evals or {}).get("knn_resolution"),
+                       "crop_pct": (evals or {}).get("knn_crop_pct")},
         "source": _jsonable(ckpt.source),
         "weights": files["backbone"],
         "dino_head": files.get("dino_head"),
@@ -677,7 +717,10 @@ def export(
     # The Hugging Face Hub / timm layout beside it: timm.create_model("local-dir:OUT") and
     # huggingface_hub.upload_folder read config.json + model.safetensors; README.md is the model card.
     atomic_write_bytes(out / "model.safetensors", backbone_bytes)
-    atomic_write_bytes(out / "config.json", (json.dumps(timm_config(model, name, arch_kwargs), indent=2) + "\n").encode())
+    resolution = meta["resolution"]
+    config = timm_config(model, name, arch_kwargs, input_size=resolution["evaluated"] or resolution["trained"],
+                         crop_pct=resolution["crop_pct"])
+    atomic_write_bytes(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
     atomic_write_bytes(out / "README.md", model_card(meta).encode())
     if head_bytes is not None:
         atomic_write_bytes(out / "dino_head.safetensors", head_bytes)

@@ -397,3 +397,34 @@ def test_a_damaged_checkpoint_is_refused_by_every_reader_and_a_run_folder_falls_
     _flip(older["step_dir"] / "teacher.safetensors")
     with pytest.raises(CheckpointRefused, match=r"no intact checkpoint \(step_00000020 is damaged .*step_00000010 is damaged"):
         read_checkpoint(run)
+
+
+def test_the_export_states_the_resolution_it_was_trained_and_evaluated_at_and_its_floors(tmp_path):
+    """config.json said input 224, pool 7x7, crop 0.875 for a backbone trained and evaluated at 64 px, and
+    the model card linked to a placeholder and showed the k-NN figure without its floors."""
+    r = make_run(tmp_path)
+    meta = json.loads((r["step_dir"] / "meta.json").read_text())
+    meta["config"] = {"data": {"crops": {"global_size": 64}}}  # what the trainer records
+    (r["step_dir"] / "meta.json").write_text(json.dumps(meta))
+    out = export(r["run"], tmp_path / "demo_like", eval_results={
+        "knn_top1_k20": 43.7, "knn_top1_k20_floor_random_init": 30.1, "knn_top1_k20_floor_raw_pixels": 35.2,
+        "knn_resolution": 64, "knn_crop_pct": 1.0})
+    cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 64, 64] and cfg["pool_size"] == [2, 2] and cfg["crop_pct"] == 1.0
+    assert json.loads((out / "meta.json").read_text())["resolution"] == {"trained": 64, "evaluated": 64,
+                                                                          "crop_pct": 1.0}
+    card = (out / "README.md").read_text()
+    assert "https://github.com/)" not in card and "trained at 64x64 px" in card
+    assert "| knn_top1_k20_floor_raw_pixels | 35.2 |" in card and "better of them" in card
+    import timm
+
+    from timm.data import resolve_data_config
+
+    model = timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0)
+    assert tuple(resolve_data_config({}, model=model)["input_size"]) == (3, 64, 64)
+
+    again = export(out, tmp_path / "re_export")  # an export of an export keeps the training resolution
+    assert json.loads((again / "meta.json").read_text())["resolution"]["trained"] == 64
+    assert "better of them" in (again / "README.md").read_text()  # the recorded floors travel with the figures
+    bare = export(r["step_dir"], tmp_path / "no_floors", eval_results={"knn_top1_k20": 43.7})
+    assert "judge them against such floors" in (bare / "README.md").read_text()

@@ -184,8 +184,10 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
 
     print("[demo] 3/3 export of the teacher backbone", flush=True)
     export_dir = export(pretrain_dir, out_dir / "export", "teacher", overwrite=True,
-                        eval_results={"knn_top1_k20": rows["dino_teacher"]["top1"], "knn_data": found["name"],
-                                      "knn_resolution": IMAGE_SIZE})
+                        eval_results={"knn_top1_k20": rows["dino_teacher"]["top1"],
+                                      "knn_top1_k20_floor_random_init": rows["random_init"]["top1"],
+                                      "knn_top1_k20_floor_raw_pixels": rows["raw_pixels"]["top1"],
+                                      "knn_data": found["name"], "knn_resolution": IMAGE_SIZE, "knn_crop_pct": 1.0})
     names = {"random_init": f"randomly initialised {cfg.model.name}", "raw_pixels": f"raw pixels ({IMAGE_SIZE}x{IMAGE_SIZE}x3)",
              "dino_teacher": f"after {summary['steps']} DINO steps (teacher)"}
     report = {
