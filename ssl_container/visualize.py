@@ -194,6 +194,11 @@ def _image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if p.is_dir():
             files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                kind = "a WebDataset shard" if p.suffix.lower() == ".tar" else f"a {p.suffix or 'suffix-less'} file"
+                raise ValueError(f"{p}: {kind}, not an image: pass image files ({', '.join(IMAGE_SUFFIXES)}) or "
+                                 "folders of them" + (" (e.g. extract a few: tar -xf SHARD --wildcards '*.jpg')"
+                                                      if p.suffix.lower() == ".tar" else ""))
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such image file or folder (pass image files or folders of images)")
@@ -207,7 +212,13 @@ def load_images(paths: Iterable[str | os.PathLike], size: int = 224, limit: int 
     evaluation transform (short side resized to ``size``, centre crop)."""
     files = _image_files(paths)[:limit]
     cfg = EvalTransformConfig(resize=size, crop=size)
-    return torch.stack([eval_transform(f.read_bytes(), cfg) for f in files]), files
+    tensors = []
+    for f in files:
+        try:
+            tensors.append(eval_transform(f.read_bytes(), cfg))
+        except Exception as err:  # PIL's errors name a BytesIO, not the file
+            raise ValueError(f"{f}: not a readable image ({type(err).__name__}: {str(err)[:160]})") from None
+    return torch.stack(tensors), files
 
 
 def load_backbone_or_model(weights: str | os.PathLike, which: str | None = None, model_name: str | None = None,

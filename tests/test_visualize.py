@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -142,3 +143,16 @@ print("heavy:", heavy)
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("heavy: []"), proc.stdout
+
+
+def test_a_shard_or_a_broken_image_is_named_with_what_visualize_wants(tmp_path):
+    """Given a .tar, visualize said "cannot identify image file <_io.BytesIO ...>", naming no file."""
+    from ssl_container.visualize import load_images
+
+    shard = tmp_path / "train-000000.tar"
+    shard.write_bytes(b"\0" * 1024)
+    with pytest.raises(ValueError, match=r"train-000000\.tar: a WebDataset shard, not an image: pass image files"):
+        load_images([shard], size=64)
+    (tmp_path / "fake.jpg").write_text("not a JPEG")
+    with pytest.raises(ValueError, match=r"fake\.jpg: not a readable image \(UnidentifiedImageError"):
+        load_images([tmp_path / "fake.jpg"], size=64)
