@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -217,7 +218,8 @@ def load_images(paths: Iterable[str | os.PathLike], size: int = 224, limit: int 
         try:
             tensors.append(eval_transform(f.read_bytes(), cfg))
         except Exception as err:  # PIL's errors name a BytesIO, not the file
-            raise ValueError(f"{f}: not a readable image ({type(err).__name__}: {str(err)[:160]})") from None
+            detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(err))[:160]
+            raise ValueError(f"{f}: not a readable image ({detail})") from None
     return torch.stack(tensors), files
 
 

@@ -154,5 +154,6 @@ def test_a_shard_or_a_broken_image_is_named_with_what_visualize_wants(tmp_path):
     with pytest.raises(ValueError, match=r"train-000000\.tar: a WebDataset shard, not an image: pass image files"):
         load_images([shard], size=64)
     (tmp_path / "fake.jpg").write_text("not a JPEG")
-    with pytest.raises(ValueError, match=r"fake\.jpg: not a readable image \(UnidentifiedImageError"):
+    with pytest.raises(ValueError, match=r"fake\.jpg: not a readable image \(.*cannot identify image file it") as err:
         load_images([tmp_path / "fake.jpg"], size=64)
+    assert "BytesIO" not in str(err.value)
