@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "train_argument_parser",
     "print_resolved",
+    "check_shards",
     "ConfigError",
     "TrainConfig",
     "ModelConfig",
@@ -399,3 +401,27 @@ def print_resolved(path: str | Path | None, overrides: Sequence[str], prog: str 
         return 2
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return 0
+
+
+def check_shards(cfg: TrainConfig) -> None:
+    """Local shards that are missing or unreadable fail here, before the run folder is touched (and, from
+    the command line, before torch is loaded)."""
+    from ssl_container.data.sources import expand_urls, local_path
+
+    if not cfg.data.urls:
+        raise ConfigError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
+    try:
+        urls = expand_urls(cfg.data.urls)
+    except ValueError as err:
+        raise ConfigError(f"data.urls: {err}") from None
+    paths = [p for p in map(local_path, urls) if p is not None and not p.startswith("pipe:")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    unreadable = [p for p in paths if p not in missing and not os.access(p, os.R_OK)]
+    if missing:
+        how = ("`ssl-container demo` makes a small shard set (Fashion-MNIST), `ssl-container shards write` packs an "
+               "image folder; point data.urls at them")
+        raise ConfigError(f"data.urls: {len(missing)} of the {len(urls)} training shards are missing (first: "
+                          f"{missing[0]}). {how}.")
+    if unreadable:
+        raise ConfigError(f"data.urls: {len(unreadable)} of the {len(urls)} training shards cannot be read (first: "
+                          f"{unreadable[0]}): check their permissions.")

@@ -38,7 +38,7 @@ from ssl_container.runtime import retain_freed_memory
 
 log = logging.getLogger("ssl_container.train")
 
-__all__ = ["Run", "StepRecord", "build_run", "build_student", "check_shards", "data_config", "dino_step"]
+__all__ = ["Run", "StepRecord", "build_run", "build_student", "data_config", "dino_step"]
 
 # Steps whose loss is replaced by NaN, to exercise the skip/stop logic end to end (tests only).
 _FAULT_NAN_STEPS = {int(s) for s in os.environ.get("SSL_CONTAINER_FAULT_NAN_STEPS", "").split(",") if s.strip()}
@@ -140,29 +140,6 @@ def _disable_drop_path(model: nn.Module) -> None:
     for m in model.modules():
         if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob"):  # ours and timm's
             m.drop_prob = 0.0
-
-
-def check_shards(cfg: TrainConfig) -> None:
-    """Local shards that are missing or unreadable fail here, before the run folder is touched."""
-    from ssl_container.data.sources import expand_urls, local_path
-
-    if not cfg.data.urls:
-        raise ConfigError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
-    try:
-        urls = expand_urls(cfg.data.urls)
-    except ValueError as err:
-        raise ConfigError(f"data.urls: {err}") from None
-    paths = [p for p in map(local_path, urls) if p is not None and not p.startswith("pipe:")]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    unreadable = [p for p in paths if p not in missing and not os.access(p, os.R_OK)]
-    if missing:
-        how = ("`ssl-container demo` makes a small shard set (Fashion-MNIST), `ssl-container shards write` packs an "
-               "image folder; point data.urls at them")
-        raise ConfigError(f"data.urls: {len(missing)} of the {len(urls)} training shards are missing (first: "
-                          f"{missing[0]}). {how}.")
-    if unreadable:
-        raise ConfigError(f"data.urls: {len(unreadable)} of the {len(urls)} training shards cannot be read (first: "
-                          f"{unreadable[0]}): check their permissions.")
 
 
 def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:

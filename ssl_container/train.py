@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
-from ssl_container.config import ConfigError, load_config, print_resolved, train_argument_parser
+from ssl_container.config import ConfigError, check_shards, load_config, print_resolved, train_argument_parser
 from ssl_container.run_folder import CheckpointError
 from ssl_container.run_lock import RunFolderBusy
 from ssl_container.signals import StoppedBySignal, exit_code
@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        check_shards(cfg)
     except ConfigError as err:
         print(f"ssl-container train: {err}", file=sys.stderr)
         return 2

@@ -154,12 +154,16 @@ def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(tmp_path):
 
 def test_help_and_config_refusals_answer_without_loading_torch():
     """`python -m ssl_container.train --help` took 5 s and a config refusal 6-8 s: torch (and timm) loaded
-    before the arguments were read. The loop is now imported only once the config is good."""
+    before the arguments were read. The loop is now imported only once the config is good and the
+    shards are there (configs/demo.yaml on a fresh clone: one line, no torch)."""
     probe = ("import sys, contextlib, io\n"
              "from ssl_container.train import main\n"
              "with contextlib.redirect_stderr(io.StringIO()) as err:\n"
              "    rc = main(['run_dir=/nonexistent/r', 'optim.lrr=1'])\n"
              "assert rc == 2 and 'optim.lrr' in err.getvalue(), err.getvalue()\n"
+             "with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+             "    rc = main(['run_dir=/nonexistent/r', 'data.urls=[/nonexistent/train-{000000..000009}.tar]'])\n"
+             "assert rc == 2 and '10 of the 10 training shards are missing' in err.getvalue(), err.getvalue()\n"
              "try:\n"
              "    main(['--help'])\n"
              "except SystemExit as e:\n"

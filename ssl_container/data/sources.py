@@ -28,11 +28,18 @@ class BadDataError(RuntimeError):
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Brace patterns (``train-{000000..000009}.tar``), ``::``-joined strings, or lists of either."""
-    from webdataset.shardlists import expand_urls as _wds_expand
-
+    """Brace patterns (``train-{000000..000009}.tar``), ``::``-joined strings, or lists of either, as
+    webdataset expands them. Without ``$`` (webdataset's ``${WDS_...}`` substitution) braceexpand alone
+    does it, so the command line can check the shards without loading webdataset and torch."""
     if isinstance(urls, (str, os.PathLike)):
-        return list(_wds_expand(os.fspath(urls)))
+        text = os.fspath(urls)
+        if "$" in text:
+            from webdataset.shardlists import expand_urls as _wds_expand
+
+            return list(_wds_expand(text))
+        from braceexpand import braceexpand
+
+        return [url for part in text.split("::") for url in braceexpand(part)]
     out: list[str] = []
     for u in urls:
         out.extend(expand_urls(u))
