@@ -82,7 +82,7 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{rec.get('loss', float('nan')):.4f}", lr=f"{rec.get('lr', 0):.2e}")
-        elif self.mode == "lines" and (step % self.every == 0 or step == self.total):
+        elif self.mode == "lines" and (step % self.every == 0 or step == self.total or step == self.start_step + 1):
             parts = [f"step {step}/{self.total}"] + [
                 f"{k} {v:.4g}" for k, v in rec.items()
                 if k in ("loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "images_per_s", "data_wait",

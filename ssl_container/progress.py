@@ -1,8 +1,8 @@
 """Progress of long work: a bar in a terminal, plain lines with elapsed time and ETA in a log file.
 
 Every long command (feature extraction, k-NN, linear probes, shard writing, detection fine-tuning)
-reports through :class:`Progress`, so a person at a terminal sees a bar and a Slurm log gets one line
-every ``every_s`` seconds that still reads well after ``tail``.
+reports through :class:`Progress`, so a person at a terminal sees a bar and a Slurm log gets a line at
+the first update and then one every ``every_s`` seconds that still reads well after ``tail``.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self.mode == "lines" and time.perf_counter() - self._last >= self.every_s:
+        elif self.mode == "lines" and (self.done == n or time.perf_counter() - self._last >= self.every_s):
+            # the first update too: a log shows within seconds that the work started, and at what pace
             self._last = time.perf_counter()
             print(self.line(), file=self.stream, flush=True)
 
