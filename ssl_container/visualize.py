@@ -87,33 +87,72 @@ def _border(h: int, w: int) -> torch.Tensor:
     return m
 
 
-def pca_rgb(maps: torch.Tensor, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def pca_rgb(maps: torch.Tensor, threshold: float = 0.5,
+            reference: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(B, C, h, w) feature maps -> (RGB (B, h, w, 3) in [0, 1], foreground mask (B, h, w)).
 
-    The first component, min-max scaled to [0, 1], is thresholded at ``threshold``; the side holding
-    most of the image borders is the background (an object is usually framed by the image). A second
-    PCA on the foreground patches gives the colours. With fewer than 4 foreground patches, or
-    maps of 2 x 2 and less (no interior), every patch counts as foreground."""
+    The first component, min-max scaled to [0, 1], is thresholded at ``threshold``. Which side is the
+    foreground: with a ``reference`` (B, h, w) saliency (how much each patch of the image differs from
+    its border, :func:`saliency`), the side where it is higher, so that every network's picture marks
+    the same object; without one, the side holding fewer of the image borders. A second PCA on the
+    foreground patches gives the colours; with a reference its components are ordered and signed to
+    follow (red) the saliency, (green) top to bottom and (blue) left to right, so that two networks'
+    pictures use their colours the same way. With fewer than 4 foreground patches, or maps of 2 x 2
+    and less (no interior), every patch counts as foreground."""
     b, c, h, w = maps.shape
     flat = maps.permute(0, 2, 3, 1).reshape(-1, c).float()
     mean, comps = pca_basis(flat, 1)
     first = (flat - mean) @ comps[0]
     first = (first - first.min()) / (first.max() - first.min()).clamp_min(1e-12)
     high = (first > threshold).view(b, h, w)
-    if min(h, w) > 2:
+    if min(h, w) <= 2:
+        fg = torch.ones(b, h, w, dtype=torch.bool)
+    elif reference is not None:
+        ref = reference.float()
+        inside, outside = ref[high], ref[~high]
+        fg = high if inside.numel() and (not outside.numel() or inside.mean() >= outside.mean()) else ~high
+    else:
         border = _border(h, w).expand(b, h, w)
         fg = ~high if high[border].float().mean() > 0.5 else high
-    else:
-        fg = torch.ones(b, h, w, dtype=torch.bool)
     if fg.sum() < 4:
         fg = torch.ones(b, h, w, dtype=torch.bool)
     mask = fg.reshape(-1)
     mean, comps = pca_basis(flat[mask], 3)
     proj = (flat - mean) @ comps.T
+    if reference is not None:
+        proj = _aligned(proj, mask, reference.float(), b, h, w)
     lo, hi = proj[mask].min(0).values, proj[mask].max(0).values
     rgb = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
     rgb[~mask] = 0.0
     return rgb.view(b, h, w, 3).numpy(), fg.numpy()
+
+
+def _aligned(proj: torch.Tensor, mask: torch.Tensor, reference: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """The 3 components reordered and signed to correlate best with (saliency, row, column) on the
+    foreground patches: PCA's order and signs are arbitrary, this makes them comparable across networks."""
+    rows = torch.linspace(0, 1, h).view(1, h, 1).expand(b, h, w)
+    cols = torch.linspace(0, 1, w).view(1, 1, w).expand(b, h, w)
+    targets = torch.stack([reference, rows, cols], -1).reshape(-1, 3)[mask]
+    x = proj[mask]
+    x, t = x - x.mean(0), targets - targets.mean(0)
+    corr = (x.T @ t) / (x.norm(dim=0).unsqueeze(1) * t.norm(dim=0).unsqueeze(0)).clamp_min(1e-12)  # (comp, target)
+    order, signs, free = [], [], list(range(3))
+    for target in range(3):  # greedy: each target takes the free component that follows it most closely
+        best = max(free, key=lambda k: abs(float(corr[k, target])))
+        free.remove(best)
+        order.append(best)
+        signs.append(1.0 if float(corr[best, target]) >= 0 else -1.0)
+    return proj[:, order] * torch.tensor(signs)
+
+
+def saliency(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 3, H, W) images -> (B, h, w): how far each patch's colour is from the median colour of the
+    image's border (an object usually differs from what frames it), average-pooled to ``size``."""
+    b = images.shape[0]
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], -1)
+    background = border.median(-1).values.view(b, 3, 1, 1)
+    distance = (images - background).abs().mean(1, keepdim=True)
+    return F.adaptive_avg_pool2d(distance, size)[:, 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +297,7 @@ def describe(model: nn.Module, images: torch.Tensor, stages: Sequence[int] = (-2
         names = [f"{kind} {s % len(parts) + 1}" if parts is not None else f"level {s}" for s in stages]
     pca, fg = {}, {}
     for name, m in zip(names, maps):
-        pca[name], fg[name] = pca_rgb(m, threshold)
+        pca[name], fg[name] = pca_rgb(m, threshold, reference=saliency(images, tuple(m.shape[-2:])))
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     shown = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
@@ -267,9 +306,20 @@ def describe(model: nn.Module, images: torch.Tensor, stages: Sequence[int] = (-2
     return Pictures(shown, pca, fg, attn)
 
 
-def draw(pictures: Sequence[Pictures], path: str | os.PathLike, titles: Sequence[str] = (), max_heads: int = 8) -> Path:
-    """One PNG: a row per image (and per model, side by side when several are given): the image,
-    each PCA picture, then each head's attention over the image."""
+LEGEND = ("PCA: black = background, the patches on the side of the first principal component's midpoint where "
+          "the image differs less from its border; colours = the first three components of the other patches, ordered and signed to follow "
+          "(red) how much the patch differs from the image border, (green) top to bottom, (blue) left to right, "
+          "so that every network's pictures read the same way. Attention heads: the last attending stage, the "
+          "pooled query's weight on each position (bright = high).")
+
+
+def draw(pictures: Sequence[Pictures], path: str | os.PathLike, titles: Sequence[str] = (), max_heads: int = 8,
+         title: str | None = None, caption: str | None = None) -> Path:
+    """One titled PNG: a row per image (and per model, side by side when several are given): the image,
+    each PCA picture, then each head's attention over the image; below, the legend (:data:`LEGEND`) and
+    ``caption``."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,25 +330,34 @@ def draw(pictures: Sequence[Pictures], path: str | os.PathLike, titles: Sequence
     n_img = pictures[0].images.shape[0]
     cols_per = [1 + len(p.pca) + (min(p.attention.shape[1], max_heads) if p.attention is not None else 0) for p in pictures]
     ncols = sum(cols_per)
-    fig, axes = plt.subplots(n_img, ncols, figsize=(1.6 * ncols, 1.6 * n_img + 0.4), squeeze=False)
+    size = pictures[0].images.shape[1]
+    grids = ", ".join(f"{name} {rgb.shape[1]}x{rgb.shape[2]}" for name, rgb in pictures[0].pca.items())
+    legend = "\n".join(textwrap.wrap(f"{LEGEND} Input {size} px: {grids} positions." + (f" {caption}" if caption else ""),
+                                     width=int(ncols * 1.6 * 14)))
+    legend_in = 0.25 * (legend.count("\n") + 1) + 0.3
+    fig, axes = plt.subplots(n_img, ncols, figsize=(1.6 * ncols, 1.6 * n_img + 0.9 + legend_in), squeeze=False)
     for i in range(n_img):
         col = 0
         for j, p in enumerate(pictures):
             label = titles[j] if j < len(titles) else ""
             panels = [("image" + (f"\n{label}" if label else ""), p.images[i], None)]
-            panels += [(f"PCA {name}", rgb[i], None) for name, rgb in p.pca.items()]
+            panels += [(f"PCA {name}\n({rgb.shape[1]}x{rgb.shape[2]})", rgb[i], None) for name, rgb in p.pca.items()]
             if p.attention is not None:
-                panels += [(f"head {h + 1}", p.images[i], p.attention[i, h]) for h in range(min(p.attention.shape[1], max_heads))]
-            for title, img, overlay in panels:
+                panels += [(f"attention\nhead {h + 1}", p.images[i], p.attention[i, h])
+                           for h in range(min(p.attention.shape[1], max_heads))]
+            for k, (panel_title, img, overlay) in enumerate(panels):
                 ax = axes[i, col]
                 ax.imshow(img, interpolation="nearest")
                 if overlay is not None:
                     ax.imshow(overlay, cmap="inferno", alpha=0.6, interpolation="nearest")
                 if i == 0:
-                    ax.set_title(title, fontsize=7)
+                    ax.set_title(panel_title, fontsize=10, fontweight="bold" if k == 0 else "normal")
                 ax.axis("off")
                 col += 1
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=14, fontweight="bold")
+    fig.text(0.01, 0.01, legend, fontsize=10, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, legend_in / (1.6 * n_img + 0.9 + legend_in), 1, 0.97 if title else 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -308,7 +367,8 @@ def draw(pictures: Sequence[Pictures], path: str | os.PathLike, titles: Sequence
 
 
 def visualize(model: nn.Module | Sequence[nn.Module], images: torch.Tensor, out: str | os.PathLike,
-              titles: Sequence[str] = (), stages: Sequence[int] = (-2, -1)) -> Path:
+              titles: Sequence[str] = (), stages: Sequence[int] = (-2, -1), title: str | None = None,
+              caption: str | None = None) -> Path:
     """Draw :func:`describe` of one model (or several side by side) for ``images`` into ``out`` (PNG)."""
     models = [model] if isinstance(model, nn.Module) else list(model)
-    return draw([describe(m, images, stages) for m in models], out, titles)
+    return draw([describe(m, images, stages) for m in models], out, titles, title=title, caption=caption)

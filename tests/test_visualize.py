@@ -157,3 +157,29 @@ def test_a_shard_or_a_broken_image_is_named_with_what_visualize_wants(tmp_path):
     with pytest.raises(ValueError, match=r"fake\.jpg: not a readable image \(.*cannot identify image file it") as err:
         load_images([tmp_path / "fake.jpg"], size=64)
     assert "BytesIO" not in str(err.value)
+
+
+def test_with_a_reference_an_object_touching_the_border_is_the_foreground_and_colours_do_not_depend_on_pca_signs():
+    """Fashion-MNIST's garments reach the image border: the border rule called them background (black object,
+    coloured border) for one network and not the other. With the image's saliency as reference both mark the
+    object, and the colours are the same whatever sign or order the feature PCA comes out in."""
+    from ssl_container.visualize import saliency
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.zeros(2, 3, 64, 64)
+    images[:, :, 8:64, 8:56] = 1.0  # a bright garment on black, touching the bottom border
+    # its features spread over the neighbouring positions (receptive fields): most of the map's border
+    maps = 0.01 * torch.randn(2, 6, 8, 8, generator=g)
+    maps[:, 0, 1:8, :] += 1.0
+    maps[:, 1, 1:4, :] += 0.5
+    maps[:, 2, 1:8, 0:4] += 0.3
+    want = np.zeros((8, 8), bool)
+    want[1:8, :] = True
+    ref = saliency(images, (8, 8))
+    assert ref.shape == (2, 8, 8) and float(ref[0, 4, 3]) > 0.9 and float(ref[0, 0, 0]) < 0.1
+    rgb, fg = pca_rgb(maps, reference=ref)
+    assert (fg[0] == want).all() and (fg[1] == want).all()
+    assert not (pca_rgb(maps)[1][0] == want).all()  # the border rule alone gets this one wrong
+    for changed in (-maps, maps[:, [2, 0, 5, 1, 4, 3]]):  # signs flipped, channels permuted: other PCA signs
+        other, other_fg = pca_rgb(changed, reference=ref)
+        assert (other_fg == fg).all() and np.allclose(other, rgb, atol=1e-5)

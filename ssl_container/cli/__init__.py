@@ -48,6 +48,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    print(f"[demo] starting: loading PyTorch, then the data (output in {args.out})", flush=True)  # torch takes seconds
     from ssl_container.cli.demo import run_from_args
 
     return run_from_args(args)

@@ -39,7 +39,7 @@ from ssl_container.train import train
 from ssl_container.visualize import visualize
 
 IMAGE_SIZE = 64  # evaluation resolution, the global-crop size of the recipe
-PICTURE_SIZE, PICTURE_IMAGES = 128, 4
+PICTURE_SIZE, PICTURE_IMAGES = 224, 4  # any side divisible by 32: 224 gives 14 x 14 at stage 3, 7 x 7 at stage 4
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -112,12 +112,15 @@ def _fashion_mnist_shards(out: Path, train_count: int = 6000, test_count: int = 
 
 
 def draw_pictures(found: dict[str, Any], teacher: torch.nn.Module, random_backbone: torch.nn.Module, path: Path) -> Path:
-    """The first held-out images at twice the training resolution (so stage 4 has 4 x 4 positions),
-    drawn for the pretrained and the random backbone side by side."""
+    """The first held-out images at 224 px (stage 3 has 14 x 14 positions, stage 4 7 x 7), drawn for the
+    pretrained and the random backbone side by side in one titled figure with its legend."""
     source = resolve_data(str(found["folder"]), found["held_out"])
     transform = EvalTransformConfig(resize=PICTURE_SIZE, crop=PICTURE_SIZE)
     images = next(iter(make_loader(source, transform, batch_size=PICTURE_IMAGES)))[0]
-    return visualize([teacher, random_backbone], images, path, titles=["DINO teacher", "random init"])
+    return visualize([teacher, random_backbone], images, path, titles=["DINO teacher", "random init"],
+                     title=f"What the DINO teacher sees, beside the same network at random initialisation ({found['name']})",
+                     caption=f"Trained at {IMAGE_SIZE} px; drawn at {PICTURE_SIZE} px so that the maps have content "
+                             "(the network takes any side divisible by 32).")
 
 
 OUTPUTS = ("pretrain", "export", "pictures.png", "demo.json")  # what a demo writes into --out
