@@ -408,6 +408,10 @@ def _weights_info(path: str | None) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     inits = parse_inits(args.init, args.weights)
+    from ssl_container.export import read_checkpoint
+
+    for path in dict.fromkeys(p for p in inits.values() if p is not None):
+        read_checkpoint(path, args.which)  # verified before the first (maybe long) fine-tuning, not after it
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:

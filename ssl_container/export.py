@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ssl_container.files import atomic_path, atomic_write_bytes, sha256_file
-from ssl_container.run_folder import STEP_FOLDER as _STEP, latest_step_dir
+from ssl_container.run_folder import STEP_FOLDER as _STEP, CheckpointError, latest_step_dir
 
 log = logging.getLogger("ssl_container.export")
 
@@ -76,8 +76,9 @@ _NOT_ARCHITECTURE = ("num_classes", "pretrained", "pretrained_cfg", "pretrained_
 _DEFAULT_MODEL = "container_light"
 
 
-class CheckpointRefused(ValueError):
-    """The input is not something this module reads safely (wrong kind of file, unsafe pickle, ...)."""
+class CheckpointRefused(CheckpointError, ValueError):
+    """The input is not something this module reads safely (wrong kind of file, unsafe pickle, damaged
+    weights ...). A :class:`CheckpointError`, so the command lines report it in one line."""
 
 
 @dataclass

@@ -136,7 +136,8 @@ _stoppable_depth: list[str] = []
 
 def stoppable(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorate a command's ``main``: a stop signal unwinds it (files it finished stay, atomic writes
-    leave nothing torn) and it returns ``128 + N`` after one line from rank 0."""
+    leave nothing torn) and it returns ``128 + N`` after one line from rank 0. Weights it cannot use
+    (a damaged or unsafe checkpoint, a missing file) are refused in one line with exit code 2."""
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def run(*args: Any, **kwargs: Any) -> int:
@@ -149,6 +150,8 @@ def stoppable(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
                 _stoppable_depth.pop()
 
         def _run(*args: Any, **kwargs: Any) -> int:
+            from ssl_container.run_folder import CheckpointError
+
             with stop_raises():
                 try:
                     return main(*args, **kwargs)
@@ -159,5 +162,11 @@ def stoppable(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
                         print(f"{prog}: {stop}; what it had finished writing is kept, and running the same command "
                               "again reuses it", file=sys.stderr)
                     return exit_code(stop.signum)
+                except (CheckpointError, FileNotFoundError) as err:
+                    from ssl_container.distributed import resolve_env
+
+                    if resolve_env().is_main:
+                        print(f"{prog}: {err}", file=sys.stderr)
+                    return 2
         return run
     return wrap

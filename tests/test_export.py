@@ -428,3 +428,33 @@ def test_the_export_states_the_resolution_it_was_trained_and_evaluated_at_and_it
     assert "better of them" in (again / "README.md").read_text()  # the recorded floors travel with the figures
     bare = export(r["step_dir"], tmp_path / "no_floors", eval_results={"knn_top1_k20": 43.7})
     assert "judge them against such floors" in (bare / "README.md").read_text()
+
+
+@pytest.mark.parametrize("module", ["eval.knn", "eval.linear", "eval.features", "eval.detection"])
+def test_eval_commands_refuse_bad_weights_in_one_line(tmp_path, capsys, module):
+    """Bad weights for eval ended in a 15-line traceback, exit 1; now one line naming the file, exit 2."""
+    import importlib
+
+    from PIL import Image
+
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage, not safetensors")
+    folder = tmp_path / "images"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (200, 10, 10) if cls == "a" else (10, 10, 200)).save(folder / cls / "x.png")
+    args = ["--weights", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "out")]
+    if module == "eval.detection":
+        coco = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+        if not (coco / "annotations").is_dir():
+            pytest.skip(f"needs {coco} (../shared/data)")
+        args += ["--data", str(coco), "--init", "random", "dino"]  # refused before the random init's fine-tuning
+    elif module == "eval.features":
+        args += ["--folder", str(folder)]
+    else:
+        args += ["--train-folder", str(folder), "--val-folder", str(folder)]
+    rc = importlib.import_module(module).main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"python -m {module}:")]
+    assert len(lines) == 1 and "bad.safetensors: not a readable safetensors file" in lines[0], err
+    assert "Traceback" not in err
