@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain -> k-NN -> export on the embedded default, minutes on CPU",
                        description="DINO pretraining of container_light_narrow on Imagenette (or Fashion-MNIST where "
                        "../shared is absent) with configs/demo.yaml, then the teacher's k-NN top-1 next to random "
-                       "init and raw pixels under the same protocol, then the export. About 8 minutes on 2 cores.")
+                       "init and raw pixels under the same protocol, then the export. About 9 minutes on 2 cores.")
     add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
 
