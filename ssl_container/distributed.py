@@ -6,10 +6,13 @@ process group (NCCL on GPUs, gloo on CPU) and applies SyncBatchNorm from outside
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import re
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistEnv", "resolve_env", "init_distributed", "cleanup", "expand_nodelist", "free_port",
-           "barrier", "is_main", "maybe_sync_batchnorm", "all_reduce_min"]
+           "barrier", "is_main", "maybe_sync_batchnorm", "all_reduce_min", "stop_with_launcher"]
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,37 @@ def slurm_job_id(environ: dict[str, str] | None = None) -> str | None:
     return (os.environ if environ is None else environ).get("SLURM_JOB_ID") or None
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_launcher(environ: dict[str, str] | None = None, sig: int = signal.SIGTERM) -> bool:
+    """Under torchrun, ask the kernel for ``sig`` when the launcher dies; True if it was set.
+
+    torchrun starts every rank in a session of its own, so a ``kill -9`` of torchrun (or of its
+    process group) leaves the ranks running as orphans: they keep training and writing the run folder
+    while a restarted run waits on their lock. SIGTERM (the trainer's stop signal) makes them finish
+    the step, save and exit instead.
+    """
+    env = os.environ if environ is None else environ
+    if "TORCHELASTIC_RUN_ID" not in env or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent == 1 or os.getppid() != parent:  # the launcher died before the request: act on it now
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def init_distributed(device: torch.device, env: DistEnv | None = None, timeout_minutes: int = 30) -> DistEnv:
     """Create the default process group (also for one process, so the code path is the same)."""
     env = env or resolve_env()
+    if env.source == "torchrun":
+        stop_with_launcher()
     os.environ.update(
         RANK=str(env.rank),
         WORLD_SIZE=str(env.world_size),

@@ -1,15 +1,20 @@
 """One trainer per run folder: ``RUN/.lock``, held for the life of the run.
 
 Two trainers writing one run folder replace each other's checkpoints and interleave their metrics,
-and both exit 0. The lock is an ``flock`` on ``RUN/.lock``, which records who holds it (host, PID,
-Slurm job, start time) so the refusal can say so. The kernel drops an ``flock`` when its holder dies,
-however it dies, so a lock left by a crashed or killed run is free: it is taken over with a line
-naming the old holder. For file systems where a dead client's lock can linger (NFS after a node
-failure), a holder that is certainly gone is also replaced: the same host with its PID no longer
-running, or the same Slurm job id (a requeued job taking over from its dead former self).
+and both exit 0. The lock is a POSIX record lock (``lockf``) on ``RUN/.lock``, which records who holds
+it (host, PID, Slurm job, start time) so the refusal can say so. The kernel drops it when its holder
+dies, however it dies, so a lock left by a crashed or killed run is free: it is taken over with a line
+naming the old holder. A record lock, unlike ``flock``, is not shared with forked children: a loader
+worker that outlives its killed trainer for a few seconds does not keep the folder locked (and NFS
+serves record locks across nodes). For file systems where a dead client's lock can linger (NFS after
+a node failure), a holder that is certainly gone is also replaced: the same host with its PID no
+longer running (or a zombie), or the same Slurm job id (a requeued job taking over from its dead
+former self).
 
-The file is removed when the run ends; a holder that re-checks the path after locking (it must name
-the inode it locked) makes that safe against a starter racing the removal.
+A record lock is dropped when its process closes *any* descriptor of the file, so the holder reads
+the file only through the descriptor it locked. The file is removed when the run ends; a holder that
+re-checks the path after locking (it must name the inode it locked) makes that safe against a starter
+racing the removal.
 """
 from __future__ import annotations
 
@@ -41,7 +46,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie answers kill(0) but holds nothing: its parent just has not reaped it yet
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
+    except (OSError, ValueError, IndexError):
+        return True
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -63,9 +72,10 @@ class RunLock:
         self._fd: int | None = None
         self.created_dir = False
 
-    def _holder(self) -> dict[str, Any]:
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
         try:
-            data = json.loads(self.path.read_text() or "{}")
+            data = json.loads(os.pread(fd, 1 << 16, 0).decode() or "{}")
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
@@ -92,12 +102,12 @@ class RunLock:
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
+                holder = self._read(fd)
                 os.close(fd)
                 if err.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                holder = self._holder()
                 if self._gone(holder):
                     log.warning("taking over the lock of %s (%s), which is gone", self.run_dir, _describe(holder))
                     self.path.unlink(missing_ok=True)  # its lock stays on the old inode
@@ -112,7 +122,7 @@ class RunLock:
             if not same:  # removed or replaced between open and lock: lock the file that is there now
                 os.close(fd)
                 continue
-            previous = self._holder()
+            previous = self._read(fd)
             if previous.get("pid") is not None:
                 log.info("the lock of %s was left by %s, which has ended; taking it", self.run_dir, _describe(previous))
             os.ftruncate(fd, 0)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,7 +169,7 @@ from ssl_container.run import build_run
 cfg = load_config(None, sys.argv[1:])
 device = torch.device("cpu")
 run = build_run(cfg, init_distributed(device, resolve_env()), device)  # resumes the run folder
-epoch, loader = run.epoch_loader()  # what the trainer would read next
+loader = run.loader()  # what the trainer would read next
 print(json.dumps(next(iter(loader))["keys"]))
 cleanup()
 """
@@ -231,9 +232,41 @@ def test_allowed_batch_change_carries_schedules_and_data_position_over(tmp_path)
     assert all(torch.equal(x, _teacher(b, 9)[k]) for k, x in _teacher(a, 9).items())
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (torchrun puts each rank in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
+def _kill_all(pid: int) -> None:
+    """SIGKILL every process group of the tree, the ranks first (as a cgroup kill does, all at once)."""
+    groups = []
+    for p in reversed(_tree(pid)):
+        try:
+            groups.append(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    for group in dict.fromkeys(groups):
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.slow
 def test_kill_9_at_ten_random_points_of_a_two_process_run_loses_nothing(tmp_path):
-    """A 2-rank run checkpointing every step, SIGKILLed (whole process group) at 10 random moments
+    """A 2-rank run checkpointing every step, SIGKILLed (every process of it) at 10 random moments
     (0-0.3 s after one of its next 1-3 checkpoints: in steps and in saves), restarted each time: the per-step losses
     and the final teacher are those of an uninterrupted run."""
     import random
@@ -328,3 +361,38 @@ def test_a_refusal_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
     finally:
         if case == "read-only":
             subprocess.run(["umount", str(tmp_path / "ro")], capture_output=True)
+
+
+def test_ranks_orphaned_by_a_killed_torchrun_save_and_stop_so_a_restart_is_not_locked_out(tmp_path):
+    """``kill -9`` of torchrun alone: its ranks (each in a session of its own) must not train on as
+    orphans holding the run folder; they stop at a step boundary with a checkpoint, and a restart
+    continues from it."""
+    from test_train import _free_port
+
+    run = tmp_path / "run"
+    common = ("epochs=7", "max_steps=40", "checkpoint.every_steps=100")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "ssl_container.train", f"run_dir={run}", *TINY, *common]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and len(read_metrics(metrics)) >= 2):
+        time.sleep(0.1)
+    ranks = _tree(proc.pid)[1:]
+    assert len(ranks) >= 2, "the ranks never started"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 120
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in ranks):
+        time.sleep(0.1)
+    left = [p for p in ranks if Path(f"/proc/{p}").exists()]
+    for p in left:  # do not leave them behind when the assertion below fails
+        os.kill(p, signal.SIGKILL)
+    assert not left, "the ranks trained on after torchrun was killed"
+    assert not (run / "summary.json").exists()
+    step = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "meta.json")
+                      .read_text())["step"]
+    assert 2 <= step < 40
+    assert not (run / ".lock").exists()
+    _run(run, *common, nproc=2)
+    assert sorted(_losses(run)) == list(range(1, 41))

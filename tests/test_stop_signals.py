@@ -48,6 +48,41 @@ WORKERS = textwrap.dedent("""
 """)
 
 
+STORM = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import torch
+    from ssl_container.data.workers import DataLoader
+
+    class Counting(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from (torch.tensor([i]) for i in range(10 ** 9))
+
+    if __name__ == "__main__":
+        got = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+        it = iter(DataLoader(Counting(), batch_size=None, num_workers=2, multiprocessing_context=sys.argv[1]))
+        end = time.time() + float(sys.argv[2])
+        while time.time() < end:  # all through the workers' start-up, PyTorch's worker loop included
+            os.killpg(0, signal.SIGTERM)
+            time.sleep(0.002)
+        values = [int(next(it)) for _ in range(20)]
+        print(json.dumps({"some": len(got) > 0, "alive": all(w.is_alive() for w in it._workers),
+                          "values": values == list(range(10)) + list(range(10)) or sorted(values)}))
+""")
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_loader_workers_survive_group_signals_all_through_their_start(tmp_path, context):
+    script = tmp_path / "storm.py"
+    script.write_text(STORM)
+    proc = subprocess.run([sys.executable, str(script), context, "6" if context == "spawn" else "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, start_new_session=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["some"] and out["alive"], out
+
+
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_loader_workers_outlive_a_group_stop_signal(tmp_path, context):
     script = tmp_path / "workers.py"
@@ -119,6 +154,38 @@ def test_a_second_holder_is_refused_by_name_and_a_dead_ones_lock_is_taken(tmp_pa
     assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     mine.release()
     assert not (run / ".lock").exists()
+
+
+FORKING_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from ssl_container.run_lock import RunLock
+    lock = RunLock(sys.argv[1])
+    assert lock.acquire() is None
+    child = os.fork()
+    if child == 0:  # a loader worker forked after the lock was taken, outliving its parent a while
+        time.sleep(600)
+        os._exit(0)
+    print(child, flush=True)
+    os.execv("/bin/sleep", ["sleep", "600"])  # the holder lets go of its lock but its PID lives on
+""")
+
+
+def test_a_holders_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    from ssl_container.run_lock import RunLock
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(run)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        time.sleep(0.5)  # the exec
+        assert holder.poll() is None and os.kill(child, 0) is None  # both alive, the child with the lock file open
+        mine = RunLock(run)
+        assert mine.acquire() is None  # the child never held the lock: only the process that took it does
+        mine.release()
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)
 
 
 def test_a_requeued_slurm_job_takes_over_its_former_selfs_lingering_lock(tmp_path):
@@ -361,3 +428,17 @@ def test_eval_detection_stopped_by_a_group_signal_exits_in_one_line_and_leaves_n
         ln for ln in text.splitlines() if ln.startswith("python -m eval.detection: stopped by SIGTERM")]
     assert text.count("stopped by SIGTERM") == 1 and "Traceback" not in text, text[-3000:]
     assert _no_temporaries(tmp_path) == [] and not (out / "results.json").exists()
+
+
+def test_a_zombie_holder_counts_as_gone():
+    """A killed holder its parent has not reaped yet still answers kill(pid, 0)."""
+    from ssl_container.run_lock import _alive
+
+    proc = subprocess.Popen(["sleep", "600"])
+    assert _alive(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    time.sleep(0.3)  # dead, not reaped: a zombie
+    try:
+        assert not _alive(proc.pid)
+    finally:
+        proc.wait()

@@ -6,22 +6,24 @@ of SIGTERM; the main process then fails in ``next()`` ("DataLoader worker (pid â
 Terminated", pytorch#4507) before its own handler can finish the step and save. So the workers
 ignore SIGTERM and SIGINT and the main process shuts them down when it is done with them.
 
-There is a window between the start of a worker and its init function: a signal landing there
-would still reach the worker with the inherited action. :class:`DataLoader` closes it while the
-workers start by holding the stop signals blocked in the calling thread and setting them to
-``SIG_IGN``: a forked child inherits both, a spawned one inherits ``SIG_IGN`` across ``exec`` (the
-mask does not survive multiprocessing's spawn). Each worker sets them to ``SIG_IGN`` in its init
-function and unblocks them, which drops anything pending. In the main process Linux keeps a blocked
-signal pending even while it is ignored; the handler is put back before the mask, so the signal is
-delivered to the caller's handler as soon as the workers are up (one that was already pending when
-the block began is raised again). What remains is the few lines of PyTorch's worker loop between its
-own SIGTERM handler and the init function.
+There is a window between the start of a worker and its init function, and PyTorch's worker loop
+installs a SIGTERM handler of its own (which dies of the signal) at the start of it: a signal landing
+there would kill the worker. :class:`DataLoader` closes it while the workers start by holding the
+stop signals blocked in the calling thread and setting them to ``SIG_IGN``: a forked child inherits
+both. A spawned one inherits ``SIG_IGN`` across ``exec`` but not the mask (multiprocessing's spawn
+resets it, and the child has more than one thread by the time any code of ours runs there, so it
+cannot be blocked again for all of them): there the init function, as it is unpickled in the child
+before the worker loop starts, makes PyTorch's handler installation put the stop signals straight
+back to ``SIG_IGN``, which leaves a window of two system calls. Each worker sets them to ``SIG_IGN`` in its init function and unblocks them,
+which drops anything pending. In the main process Linux keeps a blocked signal pending even while it
+is ignored; the handler is put back before the mask, so the signal is delivered to the caller's
+handler as soon as the workers are up (one that was already pending when the block began is raised
+again).
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import os
 import signal
 import threading
@@ -42,6 +44,44 @@ def ignore_stop_signals(worker_id: int, then: Callable[[int], Any] | None = None
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if then is not None:
         then(worker_id)
+
+
+class _WorkerInit:
+    """:func:`ignore_stop_signals` as a worker init function that, unpickled in a spawned worker,
+    blocks the stop signals there until it runs (see the module doc)."""
+
+    def __init__(self, then: Callable[[int], Any] | None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_stop_signals(worker_id, self.then)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"then": self.then}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.then = state["then"]
+        _keep_stop_signals_ignored()
+
+
+def _keep_stop_signals_ignored() -> None:
+    """In a spawned worker, before PyTorch's worker loop: its signal set-up installs a SIGTERM handler
+    that ends the worker (with status 0 when the parent sent the signal, as a group signal from the
+    main process does); have the stop signals ignored again the moment it returns."""
+    from torch.utils.data._utils import signal_handling  # the worker loop looks it up there at call time
+
+    install = signal_handling._set_worker_signal_handlers
+    if getattr(install, "keeps_stop_signals_ignored", False):
+        return
+
+    def install_then_ignore(*args: Any, **kwargs: Any) -> Any:
+        result = install(*args, **kwargs)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        return result
+
+    install_then_ignore.keeps_stop_signals_ignored = True  # type: ignore[attr-defined]
+    signal_handling._set_worker_signal_handlers = install_then_ignore
 
 
 @contextlib.contextmanager
@@ -75,7 +115,7 @@ class DataLoader(torch.utils.data.DataLoader):
     labelled folders, the linear probe and detection."""
 
     def __init__(self, *args: Any, worker_init_fn: Callable[[int], Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, worker_init_fn=functools.partial(ignore_stop_signals, then=worker_init_fn), **kwargs)
+        super().__init__(*args, worker_init_fn=_WorkerInit(worker_init_fn), **kwargs)
 
     def _get_iterator(self):  # where the workers are started
         if self.num_workers == 0:
