@@ -110,9 +110,6 @@ class CheckpointManager:
                 for name, obj in stateful.items():
                     _save_safetensors(obj.state_dict(), folder / f"{name}.safetensors")
                 _save_safetensors(engine.module.state_dict(), folder / "student.safetensors")
-            if os.environ.get("SSL_CONTAINER_FAULT_KILL_IN_SAVE") == str(state.step) and D.is_main():
-                # Fault injection for the atomicity test: die after the files, before meta.json.
-                os.kill(os.getpid(), 9)
             D.barrier()  # every rank's DeepSpeed files are on disk before meta.json marks the folder complete
             if D.is_main():
                 meta = {**self.meta, "step": state.step, "epoch": epoch, "world_size": _world_size(),

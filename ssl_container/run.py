@@ -33,6 +33,7 @@ from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapp
 from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher)
 from ssl_container.models import create_model
+from ssl_container.models.container import DropPath
 from ssl_container.run_lock import RunFolderBusy, RunLock
 from ssl_container.runtime import retain_freed_memory
 
@@ -40,8 +41,6 @@ log = logging.getLogger("ssl_container.train")
 
 __all__ = ["Run", "StepRecord", "build_run", "build_student", "data_config", "dino_step"]
 
-# Steps whose loss is replaced by NaN, to exercise the skip/stop logic end to end (tests only).
-_FAULT_NAN_STEPS = {int(s) for s in os.environ.get("SSL_CONTAINER_FAULT_NAN_STEPS", "").split(",") if s.strip()}
 
 
 def build_student(cfg: TrainConfig) -> MultiCropWrapper:
@@ -95,12 +94,14 @@ class Run:
         """Where the schedules and the data stand: the step count, unless a resume changed the samples per step."""
         return self.state.step - self.state.schedule_shift
 
-    def epoch_loader(self) -> tuple[int, Any]:
-        """The epoch the run stands in, and its training batches from here to the epoch's end."""
+    def loader(self) -> Any:
+        """The training batches from where the run stands, through every later epoch (one set of
+        loader workers for the whole run: no restart stall at each epoch)."""
         epoch, in_epoch = divmod(self.schedule_step, self.iters_per_epoch)
-        return epoch, make_train_loader(self.data, self.env.rank, self.env.world_size, epoch,
-                                        start_step=in_epoch * self.cfg.engine.grad_accum_steps, device=self.device,
-                                        base=self.state.base_in(epoch))
+        accum = self.cfg.engine.grad_accum_steps
+        return make_train_loader(self.data, self.env.rank, self.env.world_size, epoch, start_step=in_epoch * accum,
+                                 device=self.device, base=self.state.base_in(epoch), epochs=None,
+                                 steps=self.iters_per_epoch * accum)
 
     def close(self) -> None:
         """Let another trainer have the run folder."""
@@ -137,8 +138,10 @@ def _set_cpu_threads(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> 
 
 def _disable_drop_path(model: nn.Module) -> None:
     """DINO's teacher has no stochastic depth; a deep copy of the student would inherit it."""
+    from timm.layers import DropPath as TimmDropPath
+
     for m in model.modules():
-        if type(m).__name__ == "DropPath" and hasattr(m, "drop_prob"):  # ours and timm's
+        if isinstance(m, (DropPath, TimmDropPath)):  # ours, and timm's in a timm backbone
             m.drop_prob = 0.0
 
 
@@ -411,8 +414,6 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
             koleo = sum(koleo_loss(f) for f in feats[:n_global * crops[0].shape[0]].chunk(n_global))
             koleo_values.append(koleo.detach().float())
             loss = loss + cfg.dino.koleo_weight * koleo
-        if it in _FAULT_NAN_STEPS:  # fault injection for the tests of the non-finite path
-            loss = loss * float("nan")
         # Every rank must take the same branch, or the gradient all-reduce waits forever.
         finite = D.all_reduce_min(bool(torch.isfinite(loss).item()), run.device)
         if not finite:

@@ -59,6 +59,26 @@ def test_resume_two_ranks_two_workers(shards):
     assert [x["keys"] for x in again] != [x["keys"] for x in full[0]]  # a new epoch reshuffles
 
 
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_one_loader_over_epochs_gives_each_epochs_own_batches(shards, workers):
+    """The trainer keeps one set of workers for the whole run: its batches across epoch boundaries
+    (7 steps an epoch, taken 6 at a time as with 2 micro-steps per optimizer step; from step 3, an
+    odd resume) are exactly those of one loader per epoch."""
+    cfg = _cfg(shards, num_workers=workers, samples_per_epoch=28)  # 7 steps of 4 per epoch
+    assert steps_per_epoch(cfg, 1) == 7
+    per_epoch = list(make_train_loader(cfg, 0, 1, epoch=1, start_step=3, steps=6))
+    per_epoch += [b for e in (2, 3) for b in make_train_loader(cfg, 0, 1, epoch=e, steps=6)]
+    loader = make_train_loader(cfg, 0, 1, epoch=1, start_step=3, epochs=None, steps=6)
+    batches = iter(loader)
+    through = [next(batches) for _ in range(len(per_epoch))]
+    batches.close()
+    assert [(b["epoch"], b["step"]) for b in through] == [(1, s) for s in range(3, 6)] + [
+        (e, s) for e in (2, 3) for s in range(6)]
+    _assert_same_batches(through, per_epoch)
+    with pytest.raises(TypeError, match="no length"):
+        len(loader)
+
+
 def test_stream_positions_by_hand():
     # 3 streams, batch 4: steps 0..6 are served by streams 0,1,2,0,1,2,0
     assert stream_positions(7, 3, 4) == [12, 8, 8]

@@ -37,6 +37,12 @@ def _env(**extra):
     return env
 
 
+def _faults(**faults):
+    """An environment whose Python processes load tests/faults/sitecustomize.py, which injects ``faults``."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests" / "faults"), os.environ.get("PYTHONPATH")) if p)
+    return _env(PYTHONPATH=path, **faults)
+
+
 def _run(run_dir, *overrides, nproc=1, env=None, check=True, timeout=300):
     args = [f"run_dir={run_dir}", *TINY, *overrides]
     if nproc == 1:
@@ -107,7 +113,7 @@ def test_two_processes_resume_exactly_after_kill_during_save(tmp_path):
     summary = json.loads((ref / "summary.json").read_text())
     assert summary["ranks_in_sync"] and len(summary["student_sha256_per_rank"]) == 2
 
-    proc = _run(crash, *common, nproc=2, env=_env(SSL_CONTAINER_FAULT_KILL_IN_SAVE="4"), check=False)
+    proc = _run(crash, *common, nproc=2, env=_faults(TEST_FAULT_KILL_BEFORE_META="4"), check=False)
     assert proc.returncode != 0
     assert (crash / "checkpoints" / "latest").read_text() == "step_00000002"
     assert (crash / "checkpoints" / "step_00000004").is_dir()  # half-written, not pointed to
@@ -135,14 +141,14 @@ def test_resume_on_fewer_processes(tmp_path):
 
 def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(tmp_path):
     run = tmp_path / "skip"
-    _run(run, "max_steps=4", env=_env(SSL_CONTAINER_FAULT_NAN_STEPS="1"))
+    _run(run, "max_steps=4", env=_faults(TEST_FAULT_NAN_CALLS="1"))
     records = read_metrics(run / "metrics.jsonl")
     assert records[1]["loss"] == "nan" and records[1]["skipped_steps"] == 1
     assert all(isinstance(r["loss"], float) for i, r in enumerate(records) if i != 1)
 
     stop = tmp_path / "stop"
     proc = _run(stop, "max_steps=8", "max_nonfinite=3", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
-                env=_env(SSL_CONTAINER_FAULT_NAN_STEPS="2,3,4"), check=False)
+                env=_faults(TEST_FAULT_NAN_CALLS="2,3,4"), check=False)
     assert proc.returncode != 0
     assert "3 consecutive non-finite losses" in proc.stderr and "schedule.lr" in proc.stderr
     # the checkpoint written at the stop holds the weights of the last good step (2): skipped

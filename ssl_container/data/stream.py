@@ -170,11 +170,13 @@ def _shuffled(it: Iterator[dict], size: int, rng: np.random.Generator) -> Iterat
 
 
 class _TrainStream(IterableDataset):
+    """Stream ``v`` of this rank over ``epochs`` epochs (None: without end) from ``(epoch, start_step)``."""
+
     def __init__(self, cfg: TrainDataConfig, rank: int, world_size: int, epoch: int, start_step: int,
-                 steps: int, base: tuple[int, Sequence[int]] | None = None):
+                 steps: int, base: tuple[int, Sequence[int]] | None = None, epochs: int | None = 1):
         super().__init__()
         self.cfg, self.rank, self.world_size, self.epoch = cfg, rank, world_size, epoch
-        self.start_step, self.steps, self.base = start_step, steps, base
+        self.start_step, self.steps, self.base, self.epochs = start_step, steps, base, epochs
         self.sources, self.weights = parse_sources(cfg.urls, cfg.weights)
         self.augment = MultiCropAugment(cfg.crops)
 
@@ -186,27 +188,37 @@ class _TrainStream(IterableDataset):
         return self.augment(data, rng)
 
     def __iter__(self) -> Iterator[dict]:
-        cfg, B = self.cfg, self.cfg.batch_size
-        W = max(1, cfg.num_workers)
+        W = max(1, self.cfg.num_workers)
         info = get_worker_info()
         if info is not None and info.num_workers != W:
             raise RuntimeError(f"stream built for {W} workers runs in a DataLoader with {info.num_workers}")
-        v = ((info.id if info is not None else 0) + self.start_step) % W
+        worker = info.id if info is not None else 0
+        # The DataLoader deals batch i to worker i % W, and step s belongs to stream s % W; counting the
+        # batches this loader has already dealt keeps that true over epochs of any length.
+        dealt = 0
+        epochs = itertools.count(self.epoch) if self.epochs is None else range(self.epoch, self.epoch + self.epochs)
+        for epoch in epochs:
+            start, base = (self.start_step, self.base) if epoch == self.epoch else (0, None)
+            yield from self._epoch(epoch, start, base, (worker - dealt + start) % W)
+            dealt += self.steps - start
+
+    def _epoch(self, epoch: int, start_step: int, base: tuple[int, Sequence[int]] | None, v: int) -> Iterator[dict]:
+        cfg, B, W = self.cfg, self.cfg.batch_size, max(1, self.cfg.num_workers)
         g, G = self.rank * W + v, self.world_size * W
         counter = BadDataCounter(cfg.max_bad_fraction, cfg.bad_check_min_samples,
                                  where=f" (rank {self.rank}, worker {v})")
-        iters = [_source_samples(urls, shard_order(len(urls), cfg.seed or 0, self.epoch, s, g, G), counter)
+        iters = [_source_samples(urls, shard_order(len(urls), cfg.seed or 0, epoch, s, g, G), counter)
                  for s, urls in enumerate(self.sources)]
-        mix_rng = _rng(cfg.seed or 0, _TAG_MIX, self.epoch, self.rank, v)
+        mix_rng = _rng(cfg.seed or 0, _TAG_MIX, epoch, self.rank, v)
         raw_iter = _shuffled(_mixed(iters, self.weights, mix_rng), cfg.shuffle_buffer,
-                             _rng(cfg.seed or 0, _TAG_SHUFFLE, self.epoch, self.rank, v))
+                             _rng(cfg.seed or 0, _TAG_SHUFFLE, epoch, self.rank, v))
         lookahead: deque = deque()
 
         def next_raw() -> dict:
             return lookahead.popleft() if lookahead else next(raw_iter)
 
-        first = self.start_step + (v - self.start_step) % W  # first step >= start_step owned by stream v
-        pos = stream_positions(self.start_step, W, B, self.base)[v]
+        first = start_step + (v - start_step) % W  # first step >= start_step owned by stream v
+        pos = stream_positions(start_step, W, B, base)[v]
         counter.enabled = False  # an earlier run already counted what we skip
         for _ in range(pos):
             next_raw()
@@ -218,20 +230,20 @@ class _TrainStream(IterableDataset):
             keys = [s["__key__"] for s in block]
             for i, raw in enumerate(block):
                 try:
-                    results[i] = self._crops(raw, self._sample_rng(pos + i, v))
+                    results[i] = self._crops(raw, self._sample_rng(epoch, pos + i, v))
                 except BadImageError as exn:
                     counter.record(exn.kind, raw["__url__"], raw["__key__"], str(exn))
             if any(r is None for r in results):
-                self._replace_bad(block, results, keys, pos, v, lookahead, raw_iter)
+                self._replace_bad(block, results, keys, epoch, pos, v, lookahead, raw_iter)
             counter.check()
             pos += B
-            yield {"crops": self._collate(results), "keys": keys, "step": step,
+            yield {"crops": self._collate(results), "keys": keys, "epoch": epoch, "step": step,
                    "stats": {"worker": v, **counter.as_dict()}}
 
-    def _sample_rng(self, pos: int, v: int) -> np.random.Generator:
-        return _rng(self.cfg.seed or 0, _TAG_CROPS, self.epoch, self.rank, v, pos)
+    def _sample_rng(self, epoch: int, pos: int, v: int) -> np.random.Generator:
+        return _rng(self.cfg.seed or 0, _TAG_CROPS, epoch, self.rank, v, pos)
 
-    def _replace_bad(self, block, results, keys, pos, v, lookahead, raw_iter) -> None:
+    def _replace_bad(self, block, results, keys, epoch, pos, v, lookahead, raw_iter) -> None:
         """Fill each failed position from the next good sample of the block (cyclically), or, when the
         whole block failed, from the first decodable sample after it (peeked, not consumed)."""
         B = len(block)
@@ -239,7 +251,7 @@ class _TrainStream(IterableDataset):
         for i in range(B):
             if results[i] is not None:
                 continue
-            rng = self._sample_rng(pos + i, v)
+            rng = self._sample_rng(epoch, pos + i, v)
             if good:
                 src = block[min(good, key=lambda k: (k - i) % B)]
                 results[i], keys[i] = self._crops(src, rng), src["__key__"]
@@ -268,21 +280,34 @@ class _TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """Iterable of ``steps_per_epoch - start_step`` batches ``{"crops", "keys", "step"}`` for one rank.
+    """Iterable of batches ``{"crops", "keys", "epoch", "step"}`` for one rank: from ``start_step`` of
+    ``epoch`` to the end of that epoch, or through ``epochs`` epochs (None: without end).
 
     ``crops``: ``n_global + n_local`` float32 tensors (B, 3, S, S), normalised; ``keys``: the sample keys;
-    ``step``: the step within the epoch. :attr:`counters` sums the bad-data counts of all workers."""
+    ``step``: the step within its epoch. :attr:`counters` sums the bad-data counts of all workers in the
+    current epoch. Over several epochs the same workers go on (a trainer does not pay a worker start-up
+    and an empty prefetch queue at every epoch), and every batch is the one a loader made for its own
+    epoch would give."""
 
     def __init__(self, cfg: TrainDataConfig, rank: int, world_size: int, epoch: int, start_step: int = 0,
-                 device: str | torch.device | None = None, base: tuple[int, Sequence[int]] | None = None):
+                 device: str | torch.device | None = None, base: tuple[int, Sequence[int]] | None = None,
+                 epochs: int | None = 1, steps: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.cfg, self.rank, self.world_size, self.epoch = cfg, rank, world_size, epoch
         parse_sources(cfg.urls, cfg.weights)  # fail here, with the config key named, not in a worker
+        # ``steps``: the epoch's first steps only (a trainer that accumulates k micro-steps per
+        # optimizer step takes a multiple of k; the batches themselves do not depend on it).
         self.steps_per_epoch = steps_per_epoch(cfg, world_size)
+        if steps is not None:
+            if not 1 <= steps <= self.steps_per_epoch:
+                raise ValueError(f"steps {steps} outside the epoch of {self.steps_per_epoch} steps")
+            self.steps_per_epoch = steps
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} outside the epoch of {self.steps_per_epoch} steps")
-        self.start_step, self.base = start_step, base
+        if epochs is not None and epochs < 1:
+            raise ValueError(f"epochs must be at least 1 (or None, without end), not {epochs}")
+        self.start_step, self.base, self.epochs = start_step, base, epochs
         # a base that does not fit fails here, not in a worker
         stream_positions(start_step, max(1, cfg.num_workers), cfg.batch_size, base)
         self.device = device
@@ -298,7 +323,9 @@ class TrainLoader:
         return self.device is not None and torch.device(self.device).type == "cuda"
 
     def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
+        if self.epochs is None:
+            raise TypeError("a TrainLoader without an end (epochs=None) has no length")
+        return self.epochs * self.steps_per_epoch - self.start_step
 
     @property
     def counters(self) -> dict[str, int]:
@@ -312,19 +339,22 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         self._stats = {}
-        ds = _TrainStream(cfg, self.rank, self.world_size, self.epoch, self.start_step, self.steps_per_epoch, self.base)
+        ds = _TrainStream(cfg, self.rank, self.world_size, self.epoch, self.start_step, self.steps_per_epoch, self.base,
+                          self.epochs)
         if cfg.num_workers == 0:
             batches = iter(ds)
         else:
             batches = iter(DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
                                       prefetch_factor=cfg.prefetch_factor, pin_memory=self.pin_memory,
                                       persistent_workers=False, multiprocessing_context=cfg.mp_context))
-        expected = self.start_step
+        expected = (self.epoch, self.start_step) if self.start_step < self.steps_per_epoch else (self.epoch + 1, 0)
         try:
             for batch in batches:
-                stats, step = batch.pop("stats"), batch["step"]
-                if step != expected:
-                    raise RuntimeError(f"data order broken: got step {step}, expected {expected}")
+                stats, where = batch.pop("stats"), (batch["epoch"], batch["step"])
+                if where != expected:
+                    raise RuntimeError(f"data order broken: got (epoch, step) {where}, expected {expected}")
+                if where[1] == 0:
+                    self._stats = {}  # the counters are per epoch, as each worker's are
                 self._stats[stats.pop("worker")] = stats
                 totals = self.counters
                 if totals["seen"] >= cfg.bad_check_min_samples and \
@@ -332,7 +362,7 @@ class TrainLoader:
                     raise BadDataError(bad_fraction_message(totals, cfg.max_bad_fraction, f" (rank {self.rank})"))
                 if cfg.augment_on == "device":
                     batch["crops"] = self._device_crops(batch["crops"])
-                expected += 1
+                expected = (where[0] + 1, 0) if where[1] + 1 == self.steps_per_epoch else (where[0], where[1] + 1)
                 yield batch
         finally:
             shutdown_workers(batches)  # deliberately: a resampled stream never ends by itself
@@ -348,10 +378,13 @@ class TrainLoader:
 
 def make_train_loader(cfg: TrainDataConfig, rank: int, world_size: int, epoch: int, start_step: int = 0,
                       *, device: str | torch.device | None = None,
-                      base: tuple[int, Sequence[int]] | None = None) -> TrainLoader:
+                      base: tuple[int, Sequence[int]] | None = None, epochs: int | None = 1,
+                      steps: int | None = None) -> TrainLoader:
     """The training batches of ``rank`` for ``epoch``, from ``start_step`` (resume = rebuild with k;
-    ``base``: see :func:`stream_positions`)."""
-    return TrainLoader(cfg, rank, world_size, epoch, start_step, device=device, base=base)
+    ``base``: see :func:`stream_positions`), through ``epochs`` epochs (None: until closed), ``steps``
+    of each epoch (default all)."""
+    return TrainLoader(cfg, rank, world_size, epoch, start_step, device=device, base=base, epochs=epochs,
+                       steps=steps)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -84,33 +84,30 @@ def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
                  run.precision, cfg.engine.zero_stage, state.step)
     monitor = OnlineKNN(cfg.monitor, env.rank, env.world_size, run.device) if cfg.monitor.every_epochs > 0 else None
     collapse = CollapseMonitor(cfg.head.out_dim, rows=cfg.data.crops.n_global * cfg.data.batch_size)
-    batches = None
+    loader = run.loader()
+    batches = iter(loader)
     failed = True
     try:
         while state.step < run.total_steps:
-            epoch, loader = run.epoch_loader()
-            batches = iter(loader)
-            while state.step < run.total_steps and run.schedule_step // run.iters_per_epoch == epoch:
-                _stop_if_asked(run, stops, metrics)  # before each step: a signal in start-up or an epoch change too
-                record = dino_step(run, batches).metrics
-                record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
-                metrics.log(state.step, record)
-                warning = collapse.update(state.step, record)
-                if warning and env.is_main:
-                    log.warning(warning)
-                    metrics.event("collapse_warning", step=state.step, message=warning)
-                if state.consecutive_nonfinite >= cfg.max_nonfinite:
-                    folder = run.save()
-                    raise NonFiniteLossError(
-                        f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
-                        f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
-                        f"saved in {folder}. Usual causes: a learning rate too high for the batch (schedule.lr), fp16 "
-                        "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
-                        "schedule.warmup_epochs and restart from the same run_dir to resume."
-                    )
-                if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
-                    run.save()
-            _close(batches)
+            _stop_if_asked(run, stops, metrics)  # before each step: a signal in start-up or an epoch change too
+            record = dino_step(run, batches).metrics
+            record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
+            metrics.log(state.step, record)
+            warning = collapse.update(state.step, record)
+            if warning and env.is_main:
+                log.warning(warning)
+                metrics.event("collapse_warning", step=state.step, message=warning)
+            if state.consecutive_nonfinite >= cfg.max_nonfinite:
+                folder = run.save()
+                raise NonFiniteLossError(
+                    f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
+                    f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
+                    f"saved in {folder}. Usual causes: a learning rate too high for the batch (schedule.lr), fp16 "
+                    "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
+                    "schedule.warmup_epochs and restart from the same run_dir to resume."
+                )
+            if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
+                run.save()
             epoch_done, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
             if monitor is not None and in_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
                 metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
