@@ -88,6 +88,8 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
     import itertools
     import tempfile
 
+    import torch
+
     from ssl_container.distributed import cleanup, init_distributed, resolve_env
     from ssl_container.engine import select_device
     from ssl_container.run import build_run, dino_step

@@ -37,7 +37,7 @@ import torch
 
 from eval.store import ShardedFeatureStore, l2_normalize
 from ssl_container.signals import stoppable
-from ssl_container.knn import DEFAULT_TEMPERATURE, weighted_vote
+from ssl_container.knn_monitor import DEFAULT_TEMPERATURE, weighted_vote
 
 log = logging.getLogger("eval.knn")
 
@@ -394,15 +394,15 @@ def knn_classify_dense(train_features: np.ndarray | torch.Tensor, train_labels: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval import features as F
+    from eval import features as eval_features
 
     p = argparse.ArgumentParser(
         prog="python -m eval.knn",
         description="DINO weighted k-NN (faiss) on backbone features: writes knn.json and knn.png.",
     )
-    F.add_data_arguments(p, splits=("train", "val"))
-    F.add_model_arguments(p)
-    F.add_extraction_arguments(p)
+    eval_features.add_data_arguments(p, splits=("train", "val"))
+    eval_features.add_model_arguments(p)
+    eval_features.add_extraction_arguments(p)
     g = p.add_argument_group("k-NN")
     g.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS), help="(default: %(default)s)")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="vote weight exp(sim / T) "
@@ -419,18 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 @stoppable("python -m eval.knn")
 def main(argv: Sequence[str] | None = None) -> int:
-    from eval import features as F
+    from eval import features as eval_features
     from eval import plots
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ctx = F.setup_from_args(args)
+    ctx = eval_features.setup_from_args(args)
     try:
         if args.store_shard_rows:
-            train = F.features_from_args(args, ctx, "train", store_shard_rows=args.store_shard_rows)
+            train = eval_features.features_from_args(args, ctx, "train", store_shard_rows=args.store_shard_rows)
         else:
-            train = F.features_from_args(args, ctx, "train")
-        val = F.features_from_args(args, ctx, "val")
+            train = eval_features.features_from_args(args, ctx, "train")
+        val = eval_features.features_from_args(args, ctx, "val")
         if not ctx.is_main:
             return 0
         num_classes = ctx.num_classes or int(max(train.labels.max(), val.labels.max())) + 1

@@ -41,7 +41,7 @@ from torch import nn
 from ssl_container.signals import stoppable
 from ssl_container.data.workers import DataLoader
 from ssl_container.data.labelled import AugmentedLabelledShards
-from ssl_container.features import amp_autocast, forward_features
+from ssl_container.backbone_features import amp_autocast, forward_features
 from ssl_container.progress import hms
 
 log = logging.getLogger("eval.linear")
@@ -421,14 +421,14 @@ def _augmented_batches(urls, cfg: LinearProtocolConfig, rank: int, world: int, n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval import features as Fe
+    from eval import features as eval_features
 
     p = argparse.ArgumentParser(prog="python -m eval.linear",
                                 description="Linear probe (DINO protocol or a DINOv2-style grid on cached features); "
                                             "writes linear.json and linear.png.")
-    Fe.add_data_arguments(p, splits=("train", "val"))
-    Fe.add_model_arguments(p)
-    Fe.add_extraction_arguments(p)
+    eval_features.add_data_arguments(p, splits=("train", "val"))
+    eval_features.add_model_arguments(p)
+    eval_features.add_extraction_arguments(p)
     g = p.add_argument_group("linear probe")
     g.add_argument("--mode", choices=("grid", "dino"), default="grid",
                    help="grid: many heads on cached features (default); dino: DINO's protocol with the frozen backbone")
@@ -450,12 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @stoppable("python -m eval.linear")
 def main(argv: Sequence[str] | None = None) -> int:
-    from eval import features as Fe
+    from eval import features as eval_features
     from eval import plots
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ctx = Fe.setup_from_args(args)
+    ctx = eval_features.setup_from_args(args)
     try:
         if args.mode == "grid":
             res = _main_grid(args, ctx)
@@ -483,11 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main_grid(args, ctx) -> dict:
-    from eval import features as Fe
+    from eval import features as eval_features
 
     kinds = tuple(args.features)
-    train = Fe.features_from_args(args, ctx, "train", kinds, gather="all")
-    test = Fe.features_from_args(args, ctx, "val", kinds, gather="all")
+    train = eval_features.features_from_args(args, ctx, "train", kinds, gather="all")
+    test = eval_features.features_from_args(args, ctx, "val", kinds, gather="all")
     kinds = tuple(k for k in train if k in test)  # precomputed features: one choice, named by their kind
     if not kinds:
         raise SystemExit(f"train and val features have no feature kind in common ({list(train)} vs {list(test)})")
@@ -505,11 +505,11 @@ def _main_grid(args, ctx) -> dict:
 
 
 def _main_dino(args, ctx) -> dict:
-    from eval import features as Fe
+    from eval import features as eval_features
     from ssl_container.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
-    train_src = Fe.split_source(args, "train")
-    val_src = Fe.split_source(args, "val")
+    train_src = eval_features.split_source(args, "train")
+    val_src = eval_features.split_source(args, "val")
     if train_src is None or val_src is None or train_src.urls is None:
         raise SystemExit("--mode dino needs WebDataset train and val splits (--data or --train-shards/--val-shards)")
     ctx.sources.update(train=train_src, val=val_src)
@@ -526,7 +526,7 @@ def _main_dino(args, ctx) -> dict:
                                        IMAGENET_MEAN, IMAGENET_STD, n_train)
 
     def val_batches():
-        return Fe.make_loader(val_src, ctx.transform(), args.batch_size, ctx.rank, ctx.world_size, args.num_workers)
+        return eval_features.make_loader(val_src, ctx.transform(), args.batch_size, ctx.rank, ctx.world_size, args.num_workers)
 
     num_classes = ctx.num_classes or 1000
     model = ctx.model

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from ssl_container.checks import check_fields
-from ssl_container.data.config import MultiCropConfig, TrainDataConfig
+from ssl_container.data.config import TrainDataConfig
 from ssl_container.dino.config import DinoConfig, HeadConfig, ScheduleConfig
 from ssl_container.files import atomic_write_text
 from ssl_container.trackers import BACKENDS
@@ -40,8 +40,6 @@ __all__ = [
     "DinoConfig",
     "OptimConfig",
     "ScheduleConfig",
-    "DataConfig",
-    "CropConfig",
     "EngineConfig",
     "CheckpointConfig",
     "LoggingConfig",
@@ -80,10 +78,6 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "optim", non_negative=("clip_grad",), choices={"optimizer": ("adamw", "sgd")})
-
-
-# The data section is the training stream's own config (with the multi-crop recipe as data.crops).
-DataConfig, CropConfig = TrainDataConfig, MultiCropConfig
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from multicrop_reference import reference_multicrop
 from ssl_container.data.augment import (
     EvalTransformConfig,
     MultiCropAugment,
@@ -24,7 +25,6 @@ from ssl_container.data.augment import (
     eval_transform,
     load_rgb,
     open_image,
-    reference_multicrop,
     sample_crop_box,
     sample_multicrop_params,
 )

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from multicrop_reference import reference_crop, reference_multicrop
 from ssl_container.data.augment import (
     MultiCropAugment,
     MultiCropConfig,
     decode_for_crops,
     load_rgb,
     open_image,
-    reference_crop,
-    reference_multicrop,
     sample_multicrop_params,
 )
 from ssl_container.data.gpu_augment import GpuMultiCrop, hsv_to_rgb, rgb_to_hsv

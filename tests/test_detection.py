@@ -12,7 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import ssl_container  # noqa: F401
 from ssl_container.models import container_light
-from ssl_container.detection import (
+from ssl_container.detection_backbone import (
     ContainerFPNBackbone,
     container_light_fpn_backbone,
     fasterrcnn_container_light_fpn,
@@ -132,7 +132,7 @@ def test_dataset_boxes_and_labels_round_trip():
         assert len(got) == len(want)
         for g, w in zip(got, want):
             assert g == pytest.approx(w, abs=1e-3)
-        assert [ds.label_to_cat[l] for l in target["labels"].tolist()] == [a["category_id"] for a in anns]
+        assert [ds.label_to_cat[c] for c in target["labels"].tolist()] == [a["category_id"] for a in anns]
 
 
 @needs_coco

@@ -15,11 +15,18 @@ from ssl_container.dino import (
     DINOSchedules,
     MultiCropWrapper,
     apply_lr_wd,
-    cosine_scheduler,
+    cosine_value,
     get_param_groups,
 )
 
 # --------------------------------------------------------------------------- array form
+
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
+    """The whole schedule as an array, with the official ``utils.cosine_scheduler``'s signature."""
+    total, warmup = epochs * niter_per_ep, warmup_epochs * niter_per_ep
+    return np.array([cosine_value(it, base_value, final_value, total, warmup, start_warmup_value)
+                     for it in range(total)])
 
 
 def test_cosine_scheduler_endpoints_with_warmup() -> None:
@@ -87,7 +94,7 @@ def test_teacher_temperature_warmup_boost_recipe() -> None:
 
 def test_dataclass_matches_array_form() -> None:
     s = DINOSchedules(epochs=5, niter_per_ep=3, total_batch_size=512, config=ScheduleConfig(warmup_epochs=2))
-    arrays = s.as_arrays()
+    arrays = {name: np.array([getattr(s, name)(i) for i in range(s.total_iters)]) for name in ("lr", "wd", "momentum")}
     np.testing.assert_allclose(
         arrays["lr"], cosine_scheduler(5e-4 * 2, 1e-6, 5, 3, warmup_epochs=2), rtol=1e-12
     )

@@ -55,7 +55,6 @@ print(json.dumps(out))
 
 
 def _env():
-    import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}

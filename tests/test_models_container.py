@@ -71,7 +71,7 @@ def test_timm_api():
     clf.reset_classifier(0)
     assert clf(x).shape == (2, 512)
     assert clf.no_weight_decay() == {f"stages.3.blocks.{i}.aggregation.affinity.mix_logit" for i in range(3)}
-    rates = [b.drop_path.p for s in clf.stages for b in s.blocks]
+    rates = [b.drop_path.drop_prob for s in clf.stages for b in s.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and len(rates) == 18
     fm = timm.create_model("container_light", features_only=True)
     outs = fm(torch.randn(1, 3, 64, 64))
@@ -235,3 +235,21 @@ def test_narrow_member_is_container_light_at_a_quarter_of_the_widths():
     assert count_macs(narrow, (224, 224)) == 253_714_944
     assert narrow.num_features == 128
     assert count_parameters(timm.create_model("container_light_narrow", num_classes=0)) == 1_302_291
+
+
+@pytest.mark.parametrize("name", ["container_light", "vit_tiny_patch16_224"])
+def test_the_teacher_copy_loses_stochastic_depth_in_ours_and_timms_blocks(name):
+    """DINO's teacher has no stochastic depth; the trainer finds the DropPath modules by type, ours
+    (timm's attribute names) and timm's alike."""
+    import copy
+
+    import timm
+
+    from ssl_container.run import _disable_drop_path
+
+    student = timm.create_model(name, num_classes=0, drop_path_rate=0.2)
+    teacher = copy.deepcopy(student)
+    _disable_drop_path(teacher)
+    rates = lambda m: [x.drop_prob for x in m.modules() if hasattr(x, "drop_prob")]  # noqa: E731
+    assert max(rates(student)) == pytest.approx(0.2) and len(rates(teacher)) == len(rates(student)) > 4
+    assert set(rates(teacher)) == {0.0}

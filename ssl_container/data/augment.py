@@ -25,13 +25,12 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
 # the configs live in data/config.py (no torch: the command line reads them); re-exported here
 from ssl_container.data.config import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, MultiCropConfig  # noqa: E402,F401
 
 _FLIP = Image.Transpose.FLIP_LEFT_RIGHT
-_SOLARIZE_LUT = [i if i < 128 else 255 - i for i in range(256)] * 3  # ImageOps.solarize(threshold=128)
 
 
 class BadImageError(ValueError):
@@ -315,24 +314,6 @@ class MultiCropAugment:
 # ------------------------------------------------------------------------------------------------
 # the reference: the recipe as it is usually written (PIL per crop, torchvision transforms), driven by
 # the same parameters. Used by the tests (distribution and pixel equivalence) and the benchmark.
-
-
-def reference_crop(img: Image.Image, p: CropParams, cfg: MultiCropConfig) -> np.ndarray:
-    """One crop exactly as the official code computes it: PIL resize, PIL colour, PIL blur, solarise."""
-    resample = Image.Resampling.BICUBIC if cfg.interpolation == "bicubic" else Image.Resampling.BILINEAR
-    img = img.resize((p.size, p.size), resample, box=(p.left, p.top, p.left + p.width, p.top + p.height))
-    img = colour_pil(img, p)
-    if p.blur_sigma > 0:
-        img = img.filter(ImageFilter.GaussianBlur(radius=p.blur_sigma))
-    if p.solarize:
-        img = img.point(_SOLARIZE_LUT)
-    return np.asarray(img)
-
-
-def reference_multicrop(data: bytes, rng: np.random.Generator, cfg: MultiCropConfig) -> list[np.ndarray]:
-    """The PIL reference for all crops of one image (full-resolution decode: no draft mode)."""
-    img = load_rgb(open_image(data, cfg.max_image_pixels))
-    return [reference_crop(img, p, cfg) for p in sample_multicrop_params(rng, img.height, img.width, cfg)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,9 +22,7 @@ _WHERE = {
     "group_crops_by_resolution": "multicrop",
     "DINOSchedules": "schedules",
     "apply_lr_wd": "schedules",
-    "cosine_scheduler": "schedules",
     "cosine_value": "schedules",
-    "describe_groups": "schedules",
     "get_param_groups": "schedules",
     "linear_warmup_value": "schedules",
 }

@@ -26,22 +26,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, Iterable, MutableMapping
 
-import numpy as np
 from torch import nn
 
 from .config import ScheduleConfig
 from .head import DINOHead
 
 __all__ = [
-    "cosine_scheduler",
     "cosine_value",
     "linear_warmup_value",
     "DINOSchedules",
     "get_param_groups",
     "apply_lr_wd",
-    "describe_groups",
 ]
 
 
@@ -77,34 +74,6 @@ def linear_warmup_value(it: int, start_value: float, end_value: float, warmup_it
     if warmup_iters <= 0 or it >= warmup_iters:
         return float(end_value)
     return start_value + (end_value - start_value) * it / warmup_iters
-
-
-def cosine_scheduler(
-    base_value: float,
-    final_value: float,
-    epochs: int,
-    niter_per_ep: int,
-    warmup_epochs: int = 0,
-    start_warmup_value: float = 0.0,
-) -> np.ndarray:
-    """The whole schedule as an array of length ``epochs * niter_per_ep`` (DINO's signature).
-
-    Handy for plots and for code written against the official ``utils.cosine_scheduler``; the
-    trainer itself uses :class:`DINOSchedules`, which evaluates the same formula lazily.
-    """
-    total = epochs * niter_per_ep
-    warmup_iters = warmup_epochs * niter_per_ep
-    if total <= 0:
-        raise ValueError(f"epochs * niter_per_ep must be > 0, got {epochs} * {niter_per_ep}")
-    if warmup_iters > total:
-        raise ValueError(f"warmup_epochs ({warmup_epochs}) exceeds epochs ({epochs})")
-    return np.array(
-        [
-            cosine_value(it, base_value, final_value, total, warmup_iters, start_warmup_value)
-            for it in range(total)
-        ],
-        dtype=np.float64,
-    )
 
 
 @dataclass(frozen=True)
@@ -170,16 +139,6 @@ class DINOSchedules:
         apply_lr_wd(optimizer_or_groups, lr=lr, wd=wd, epoch=self.epoch(it),
                     freeze_last_layer=self.config.freeze_last_layer)
         return {"lr": lr, "wd": wd}
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        """Every schedule over the whole run, for plots and sanity checks."""
-        its = range(self.total_iters)
-        return {
-            "lr": np.array([self.lr(i) for i in its]),
-            "wd": np.array([self.wd(i) for i in its]),
-            "momentum": np.array([self.momentum(i) for i in its]),
-            "teacher_temp": np.array([self.teacher_temp(i) for i in its]),
-        }
 
 
 def _is_no_decay(name: str, param: nn.Parameter, gains: set[int]) -> bool:
@@ -263,13 +222,3 @@ def apply_lr_wd(
         is_last = bool(group.get("is_last_layer", False))
         group["lr"] = 0.0 if (is_last and frozen) else lr
         group["weight_decay"] = wd if group.get("apply_wd", True) else 0.0
-
-
-def describe_groups(groups: Sequence[Mapping[str, Any]]) -> str:
-    """One line per group (name, tensors, elements): for the start-of-run log."""
-    lines = []
-    for g in groups:
-        params = list(g["params"])
-        lines.append(f"{g.get('name', '?')}: {len(params)} tensors, "
-                     f"{sum(p.numel() for p in params):,} elements")
-    return "\n".join(lines)

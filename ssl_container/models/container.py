@@ -31,13 +31,14 @@ from ssl_container.models.affinity import (
 )
 from ssl_container.models.official import convert_official_state_dict, is_official_state_dict
 
-__all__ = ["Container", "ContainerBlock", "ContainerStage", "PatchEmbed", "ConvMlp", "STRIDE"]
+__all__ = ["Container", "ContainerBlock", "ContainerStage", "DropPath", "PatchEmbed", "ConvMlp", "STRIDE"]
 
 STRIDE = 32  # 4 * 2 * 2 * 2: the total downsampling of the four patch embeddings
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (drops the residual branch of whole images), timm's ``drop_prob``.
+    """Stochastic depth per sample (drops the residual branch of whole images), with timm's
+    attributes (``drop_prob``, ``scale_by_keep``) and behaviour.
 
     The rate also lives in a 0-d buffer that the training forward reads as a tensor: ``torch.compile``
     then builds one graph for all blocks of a stage, where a Python float would be a constant that
@@ -58,7 +59,7 @@ class DropPath(nn.Module):
         self._drop_prob = float(value)
         self._rate.fill_(float(value))
 
-    p = drop_prob  # this project's earlier name
+    scale_by_keep = True  # as timm's default: kept samples are scaled by 1 / keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or (not torch.compiler.is_compiling() and self._drop_prob == 0.0):

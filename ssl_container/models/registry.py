@@ -154,8 +154,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 
 def _register_with_timm() -> None:
     try:
-        from timm.models import generate_default_cfgs, register_model
-        from timm.models._registry import _model_entrypoints
+        from timm.models import generate_default_cfgs, is_model, register_model
     except ImportError:  # pragma: no cover - timm is a hard dependency
         return
     default_cfgs = generate_default_cfgs({name: dict(_CFG) for name in _CONSTRUCTORS})
@@ -164,7 +163,7 @@ def _register_with_timm() -> None:
     module = sys.modules[__name__]
     module.default_cfgs = default_cfgs  # timm reads the variant's cfg from its module
     for name, fn in _CONSTRUCTORS.items():
-        if name not in _model_entrypoints:
+        if not is_model(name):
             register_model(fn)
 
 

@@ -22,7 +22,7 @@ from ssl_container import distributed as D
 from ssl_container.config import TrainConfig, check_shards, config_to_dict, flatten_config
 from ssl_container.dino import CollapseMonitor
 from ssl_container.engine import select_device
-from ssl_container.knn import OnlineKNN
+from ssl_container.knn_monitor import OnlineKNN
 from ssl_container.metrics import MetricsLogger, plot_run
 from ssl_container.run import Run, build_run, dino_step
 from ssl_container.signals import GracefulStop, StoppedBySignal
