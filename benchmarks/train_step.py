@@ -84,15 +84,15 @@ _MODS = ("no-retain-memory", "stock-kernels", "nchw")
 
 
 def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
-    """The trainer's own run and step (``ssl_container.run.build_run`` / ``dino_step``) on synthetic crops."""
+    """The trainer's own run and step (``ssl_container.trainer.run.build_run`` / ``dino_step``) on synthetic crops."""
     import itertools
     import tempfile
 
     import torch
 
     from ssl_container.distributed import cleanup, init_distributed, resolve_env
-    from ssl_container.engine import select_device
-    from ssl_container.run import build_run, dino_step
+    from ssl_container.trainer.engine import select_device
+    from ssl_container.trainer.run import build_run, dino_step
 
     cfg = _config(args)
     cfg.engine.cpu_retain_memory = cfg.engine.cpu_retain_memory and "no-retain-memory" not in mods
@@ -140,8 +140,8 @@ def _utilisation(cfg, device, precision: str, step_times: list[float]) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ssl_container.engine import autocast_context
-    from ssl_container.run import build_student
+    from ssl_container.trainer.engine import autocast_context
+    from ssl_container.trainer.run import build_student
 
     student = build_student(cfg).to(device)
     crops = _crops(cfg.data.batch_size, cfg.data.crops.n_global, cfg.data.crops.global_size, cfg.data.crops.n_local,
@@ -200,8 +200,8 @@ def bench_eager(args) -> dict:
 
     from ssl_container.cpu_kernels import use_fast_cpu_kernels
     from ssl_container.dino import DINOLoss, get_param_groups
-    from ssl_container.engine import make_teacher
-    from ssl_container.run import build_student
+    from ssl_container.trainer.engine import make_teacher
+    from ssl_container.trainer.run import build_student
 
     cfg = _config(args)
     device = _device(args)

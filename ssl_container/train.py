@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ssl_container.config import ConfigError, check_shards, load_config, print_resolved, train_argument_parser
 from ssl_container.run_folder import CheckpointError
-from ssl_container.run_lock import RunFolderBusy
+from ssl_container.trainer.run_lock import RunFolderBusy
 from ssl_container.signals import StoppedBySignal, exit_code
 
 # and, loaded on first use (see __getattr__): train, NonFiniteLossError, build_student, data_config
@@ -34,7 +34,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(loop, name)
     if name in ("build_student", "data_config"):
-        from ssl_container import run
+        from ssl_container.trainer import run
 
         return getattr(run, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

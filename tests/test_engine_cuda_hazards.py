@@ -39,7 +39,7 @@ ALIGNMENT = r"""
 import json, sys, torch
 from ssl_container.config import load_config
 from ssl_container.distributed import init_distributed, resolve_env
-from ssl_container.run import build_run
+from ssl_container.trainer.run import build_run
 device = torch.device("cpu")
 env = init_distributed(device, resolve_env())
 out = {}
@@ -73,7 +73,7 @@ def test_every_parameter_and_buffer_is_16_byte_aligned_under_each_zero_stage(tmp
 
 
 def test_an_older_deepspeed_is_refused_on_cuda_with_the_fix_named():
-    from ssl_container.engine import _check_deepspeed_version
+    from ssl_container.trainer.engine import _check_deepspeed_version
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     with pytest.raises(RuntimeError, match=r"DeepSpeed 0\.18\.9 packs ZeRO-1 .*deepspeed>=0\.19\.7.*zero_stage=0"):
@@ -86,7 +86,7 @@ def test_an_older_deepspeed_is_refused_on_cuda_with_the_fix_named():
 
 UNALIGNED_THEN_ALIGNED = r"""
 import sys
-import ssl_container.engine as engine
+import ssl_container.trainer.engine as engine
 if sys.argv[1] == "unaligned":  # the configuration DeepSpeed was given before the fix
     build = engine.build_deepspeed_config
     def unaligned(*a, **k):
@@ -185,7 +185,7 @@ def test_sync_batchnorm_only_across_several_gpu_ranks(tmp_path, world):
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_a_bf16_teacher_feeds_a_float32_loss_and_center():
     from ssl_container.dino import DINOLoss
-    from ssl_container.engine import autocast_context
+    from ssl_container.trainer.engine import autocast_context
 
     ctx = autocast_context("bf16", torch.device("cuda"))
     assert (ctx.device, ctx.fast_dtype) == ("cuda", torch.bfloat16)  # the teacher matches the student

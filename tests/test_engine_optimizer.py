@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ssl_container.config import load_config
-from ssl_container.engine import build_optimizer
+from ssl_container.trainer.engine import build_optimizer
 
 
 def _param(values, grad):

@@ -28,7 +28,7 @@ STEPS = r"""
 import itertools, json, sys, torch
 from ssl_container.config import load_config
 from ssl_container.distributed import init_distributed, resolve_env
-from ssl_container.run import build_run, dino_step
+from ssl_container.trainer.run import build_run, dino_step
 cfg = load_config(None, sys.argv[1:])
 device = torch.device("cuda")
 env = init_distributed(device, resolve_env())

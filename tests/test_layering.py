@@ -3,12 +3,13 @@
     library  ssl_container.*           (never imports launch, eval or the front ends)
       models                           (imports nothing else of the project)
       data                             (never imports models)
-      dino                             (tensors, not engines: no engine, checkpoint, run, train, DeepSpeed)
+      dino                             (tensors, not engines: no trainer, train, DeepSpeed)
+      trainer                          (what trains: run building, the step, the loop, engine, checkpoints)
     eval     eval.*                    (the library only)
     launch   launch.*                  (the library only)
     front    ssl_container.cli.*, ssl_container.__main__   (may import everything; nothing imports them)
 
-Only engine.py and checkpoint.py import DeepSpeed; only distributed.py reads the rank variables of
+Only trainer/engine.py and trainer/checkpoint.py import DeepSpeed; only distributed.py reads the rank variables of
 torchrun and Slurm from the environment. A failure names the file and line of each breach.
 """
 import ast
@@ -101,14 +102,15 @@ def _package_rule(module: str, target: str) -> str | None:
     if _within(module, "ssl_container.data") and _within(target, "ssl_container.models"):
         return "data never imports models"
     if _within(module, "ssl_container.dino") and any(
-            _within(target, f"ssl_container.{m}") for m in ("engine", "checkpoint", "run", "train")):
+            _within(target, f"ssl_container.{m}") for m in ("trainer", "train")):
         return "dino knows tensors, not engines"
     return None
 
 
 def _deepspeed_rule(module: str, target: str) -> str | None:
-    if _within(target, "deepspeed") and module not in ("ssl_container.engine", "ssl_container.checkpoint"):
-        return "only engine.py and checkpoint.py import DeepSpeed"
+    if _within(target, "deepspeed") and module not in ("ssl_container.trainer.engine",
+                                                       "ssl_container.trainer.checkpoint"):
+        return "only trainer/engine.py and trainer/checkpoint.py import DeepSpeed"
     return None
 
 

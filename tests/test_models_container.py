@@ -245,7 +245,7 @@ def test_the_teacher_copy_loses_stochastic_depth_in_ours_and_timms_blocks(name):
 
     import timm
 
-    from ssl_container.run import _disable_drop_path
+    from ssl_container.trainer.run import _disable_drop_path
 
     student = timm.create_model(name, num_classes=0, drop_path_rate=0.2)
     teacher = copy.deepcopy(student)

@@ -165,7 +165,7 @@ _NEXT_KEYS = r"""
 import json, sys, torch
 from ssl_container.config import load_config
 from ssl_container.distributed import cleanup, init_distributed, resolve_env
-from ssl_container.run import build_run
+from ssl_container.trainer.run import build_run
 cfg = load_config(None, sys.argv[1:])
 device = torch.device("cpu")
 run = build_run(cfg, init_distributed(device, resolve_env()), device)  # resumes the run folder
@@ -187,7 +187,7 @@ def _stream_order(overrides, n) -> list[str]:
 
     from ssl_container.config import load_config
     from ssl_container.data import make_train_loader
-    from ssl_container.run import data_config
+    from ssl_container.trainer.run import data_config
 
     cfg = replace(data_config(load_config(None, overrides)), batch_size=1, samples_per_epoch=n)
     return [b["keys"][0] for b in make_train_loader(cfg, 0, 1, epoch=0)]
@@ -310,9 +310,9 @@ def test_kill_9_at_ten_random_points_of_a_two_process_run_loses_nothing(tmp_path
 def test_carried_position_for_other_epoch_lengths_and_at_boundaries():
     """The same carry-over, worked out by hand for an epoch-length change, an epoch that became shorter
     than what was read, a change at an epoch boundary, and a refused change of the streams."""
-    from ssl_container.checkpoint import CheckpointError, TrainState
+    from ssl_container.trainer.checkpoint import CheckpointError, TrainState
     from ssl_container.config import load_config
-    from ssl_container.run import _carry_position
+    from ssl_container.trainer.run import _carry_position
 
     old = load_config(None, TINY)  # batch 4, 24 samples an epoch: 6 steps, one stream
 

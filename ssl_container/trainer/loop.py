@@ -21,10 +21,10 @@ from torch import nn
 from ssl_container import distributed as D
 from ssl_container.config import TrainConfig, check_shards, config_to_dict, flatten_config
 from ssl_container.dino import CollapseMonitor
-from ssl_container.engine import select_device
+from ssl_container.trainer.engine import select_device
 from ssl_container.knn_monitor import OnlineKNN
 from ssl_container.metrics import MetricsLogger, plot_run
-from ssl_container.run import Run, build_run, dino_step
+from ssl_container.trainer.run import Run, build_run, dino_step
 from ssl_container.signals import GracefulStop, StoppedBySignal
 from ssl_container.files import atomic_write_json
 from ssl_container.trackers import Trackers, open_trackers

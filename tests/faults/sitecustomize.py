@@ -29,7 +29,7 @@ def _kill_before_meta(step: int) -> None:
     import signal
     from pathlib import Path
 
-    from ssl_container import checkpoint
+    from ssl_container.trainer import checkpoint
 
     write = checkpoint.atomic_write_text
 

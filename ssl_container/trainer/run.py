@@ -23,18 +23,18 @@ import yaml
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
+from ssl_container.trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
 from ssl_container.config import (ConfigError, TrainConfig, changes_state, config_changes, config_digest,
                                   config_to_dict, load_config, save_config)
 from ssl_container.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.stream import make_train_loader, samples_per_rank, steps_per_epoch, stream_positions
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
-from ssl_container.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
+from ssl_container.trainer.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
                                   make_teacher)
 from ssl_container.models import create_model
 from ssl_container.models.container import DropPath
-from ssl_container.run_lock import RunFolderBusy, RunLock
+from ssl_container.trainer.run_lock import RunFolderBusy, RunLock
 from ssl_container.runtime import retain_freed_memory
 
 log = logging.getLogger("ssl_container.train")

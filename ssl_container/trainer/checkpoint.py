@@ -230,7 +230,7 @@ class CheckpointManager:
 
     def prepare_universal(self) -> None:
         """Collective. Rank 0 converts the latest checkpoint to the universal format if needed."""
-        from ssl_container.engine import convert_to_universal
+        from ssl_container.trainer.engine import convert_to_universal
 
         tag = self.resume_point()
         target = self.root / f"{tag}_universal"
@@ -246,7 +246,7 @@ class CheckpointManager:
     def load(self, engine: Any, stateful: Mapping[str, nn.Module], universal: bool = False) -> TrainState | None:
         """Restore the engine and each named object (strictly) from the newest complete checkpoint;
         ``None`` when there is none."""
-        from ssl_container.engine import weights_only_loads
+        from ssl_container.trainer.engine import weights_only_loads
 
         tag = self.resume_point()
         if D.is_main():  # folders without meta.json are the remains of a save that never finished
