@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -30,6 +30,7 @@ from ssl_container.trackers import BACKENDS
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "data_config",
     "train_argument_parser",
     "print_resolved",
     "check_shards",
@@ -419,3 +420,10 @@ def check_shards(cfg: TrainConfig) -> None:
     if unreadable:
         raise ConfigError(f"data.urls: {len(unreadable)} of the {len(urls)} training shards cannot be read (first: "
                           f"{unreadable[0]}): check their permissions.")
+
+
+def data_config(cfg: TrainConfig) -> TrainDataConfig:
+    """The data section, which is the stream's config, with the run's seed where it names none."""
+    if not cfg.data.urls:
+        raise ConfigError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
+    return cfg.data if cfg.data.seed is not None else replace(cfg.data, seed=cfg.seed)

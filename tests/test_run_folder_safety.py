@@ -312,13 +312,13 @@ def test_carried_position_for_other_epoch_lengths_and_at_boundaries():
     than what was read, a change at an epoch boundary, and a refused change of the streams."""
     from ssl_container.trainer.checkpoint import CheckpointError, TrainState
     from ssl_container.config import load_config
-    from ssl_container.trainer.run import _carry_position
+    from ssl_container.trainer.resume import carry_position
 
     old = load_config(None, TINY)  # batch 4, 24 samples an epoch: 6 steps, one stream
 
     def carry(step, *changes, iters):
         state = TrainState(step=step)
-        _carry_position(state, old, load_config(None, [*TINY, *changes]), iters, 1, 1)
+        carry_position(state, old, load_config(None, [*TINY, *changes]), iters, 1, 1)
         return state.schedule_shift, state.data_base
 
     # 12 samples read of 48 now: 36 left = 9 steps of 4, so step 3 of 12, the stream at 12
