@@ -3,7 +3,7 @@
     python benchmarks/conv_kernels.py --threads 1 [--batch 4 --global-size 224 --n-local 8 --local-size 96]
 
 Runs Container-Light once on the global-crop batch and once on the local-crop batch to collect the
-geometry of every convolution that ``ssl_container.cpu_kernels.use_fast_cpu_kernels`` speeds up (1x1
+geometry of every convolution that ``ssl_container.utils.cpu_kernels.use_fast_cpu_kernels`` speeds up (1x1
 and 5x5 depthwise), then times each distinct one (best of --repeat; forward, then backward for input,
 weight and bias) on channels_last inputs two ways: ``ours`` (the float32 CPU kernels the trainer
 applies) and ``pytorch`` (the same module as a plain ``nn.Conv2d``: PyTorch's own kernel choice). Prints one JSON line per layer shape and
@@ -40,9 +40,9 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from ssl_container.cpu_kernels import FastDepthwiseConv, FastPointwiseConv, use_fast_cpu_kernels
+    from ssl_container.utils.cpu_kernels import FastDepthwiseConv, FastPointwiseConv, use_fast_cpu_kernels
     from ssl_container.models import create_model
-    from ssl_container.runtime import retain_freed_memory
+    from ssl_container.utils.runtime import retain_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -40,7 +40,7 @@ from eval.protocol import KNN_K, floors, knn_eval, load_split  # noqa: E402
 from ssl_container.config import load_config  # noqa: E402
 from ssl_container.data.stream import steps_per_epoch  # noqa: E402
 from ssl_container.export import load_backbone  # noqa: E402
-from ssl_container.metrics import read_metrics  # noqa: E402
+from ssl_container.trainer.metrics import read_metrics  # noqa: E402
 from ssl_container.models import create_model  # noqa: E402
 from ssl_container.train import data_config  # noqa: E402
 

@@ -2,17 +2,17 @@
 
     python benchmarks/train_step.py --model container_light --batch 4 --precision fp32 --threads 1 \
         [--global-size 224 --n-local 8 --local-size 96] [--steps 5] [--impl deepspeed,eager,official] \
-        [--official-dino DIR --official-container DIR] [--rounds 3]
+        [--official-dino DIR --official-container DIR] [--rounds 3] [--baseline-checkout DIR]
 
 Prints one JSON line per implementation, then one with the speed-ups:
 
 * ``deepspeed``: the trainer's path (DeepSpeed engine with the run config's ZeRO stage, fused AdamW,
   global-norm clipping, foreach EMA, one backbone call per crop resolution, channels_last crops,
-  the float32 CPU convolution kernels of ``ssl_container.cpu_kernels``, the allocator setting of
-  ``ssl_container.runtime``);
+  the float32 CPU convolution kernels of ``ssl_container.utils.cpu_kernels``, the allocator setting of
+  ``ssl_container.utils.runtime``);
 * ``deepspeed/MOD[/MOD...]``: the same with parts switched off, to see what each is worth:
   ``no-retain-memory`` (``engine.cpu_retain_memory=false``), ``stock-kernels`` (PyTorch's own
-  convolution kernels instead of those of ``ssl_container.cpu_kernels``), ``nchw``
+  convolution kernels instead of those of ``ssl_container.utils.cpu_kernels``), ``nchw``
   (``model.channels_last=false``);
 * ``eager``: the same model and loss in the way DINO's reference loop is written (plain
   ``torch.optim.AdamW`` with per-parameter loops, per-tensor gradient clipping, a Python EMA loop,
@@ -98,7 +98,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
     cfg.engine.cpu_retain_memory = cfg.engine.cpu_retain_memory and "no-retain-memory" not in mods
     cfg.model.channels_last = cfg.model.channels_last and "nchw" not in mods
     cfg.engine.fast_cpu_kernels = cfg.engine.fast_cpu_kernels and "stock-kernels" not in mods
-    device = select_device(cfg)
+    device = select_device(cfg.engine)
     env = init_distributed(device, resolve_env())
     with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
         cfg.run_dir = run_dir
@@ -198,7 +198,7 @@ def _union_us(ranges: list[tuple[float, float]]) -> float:
 def bench_eager(args) -> dict:
     import torch
 
-    from ssl_container.cpu_kernels import use_fast_cpu_kernels
+    from ssl_container.utils.cpu_kernels import use_fast_cpu_kernels
     from ssl_container.dino import DINOLoss, get_param_groups
     from ssl_container.trainer.engine import make_teacher
     from ssl_container.trainer.run import build_student
@@ -339,8 +339,15 @@ def _child(args) -> None:
     print(json.dumps(result), flush=True)
 
 
-def _run_child(impl: str, argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *argv, "--child", impl], cwd=REPO, capture_output=True, text=True)
+def _run_child(impl: str, argv: list[str], checkout: Path | None = None) -> dict:
+    """One implementation in a fresh process; ``checkout``: the trainer's step as another checkout of this
+    repository has it (its own benchmark script and its own ssl_container, first on the path)."""
+    if checkout is None:
+        cmd, cwd, env = [sys.executable, __file__, *argv, "--child", impl], REPO, None
+    else:
+        cmd = [sys.executable, str(checkout / "benchmarks" / "train_step.py"), *argv, "--child", "deepspeed"]
+        cwd, env = checkout, {**os.environ, "PYTHONPATH": str(checkout)}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{impl} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -367,6 +374,9 @@ def main() -> None:
                         help="comma-separated: deepspeed, eager, official (official needs the two options below)")
     parser.add_argument("--official-dino", help="a checkout of facebookresearch/dino")
     parser.add_argument("--official-container", help="a checkout of allenai/container")
+    parser.add_argument("--baseline-checkout", type=Path,
+                        help="another checkout of this repository (e.g. `git worktree add /tmp/before REV`): its "
+                             "trainer step runs as implementation 'baseline', alternating with this one's")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -386,14 +396,22 @@ def main() -> None:
         parser.error("--impl official needs --official-dino DIR and --official-container DIR (checkouts of "
                      "facebookresearch/dino and allenai/container)")
     argv = sys.argv[1:]
+    baseline_argv = argv
+    if args.baseline_checkout:
+        i = argv.index("--baseline-checkout") if "--baseline-checkout" in argv else None
+        baseline_argv = [a for j, a in enumerate(argv) if i is None or j not in (i, i + 1)]
+        baseline_argv = [a for a in baseline_argv if not a.startswith("--baseline-checkout=")]
+        impls.append("baseline")
     runs: dict[str, list[dict]] = {i: [] for i in impls}
     for _ in range(args.rounds):
         for impl in impls:
-            runs[impl].append(_run_child(impl, argv))
+            runs[impl].append(_run_child(impl, baseline_argv, args.baseline_checkout.resolve()) if impl == "baseline"
+                              else _run_child(impl, argv))
     results = {}
     for impl, rows in runs.items():
         steps = [t for r in rows for t in r["step_s"]]
-        results[impl] = {**rows[-1], "step_s": round(statistics.median(steps), 3), "min_step_s": round(min(steps), 3),
+        results[impl] = {**rows[-1], "impl": impl, **({"checkout": str(args.baseline_checkout)} if impl == "baseline" else {}),
+                         "step_s": round(statistics.median(steps), 3), "min_step_s": round(min(steps), 3),
                          "all_steps_s": steps, "images_per_s": round(args.batch / statistics.median(steps), 3),
                          "rounds": args.rounds}
         print(json.dumps(results[impl]), flush=True)

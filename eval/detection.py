@@ -43,8 +43,8 @@ from torch import nn
 
 from ssl_container.signals import stoppable
 from ssl_container.data.workers import DataLoader
-from ssl_container.files import atomic_write_json
-from ssl_container.progress import hms
+from ssl_container.utils.files import atomic_write_json
+from ssl_container.utils.progress import hms
 
 __all__ = [
     "CocoDetection",
@@ -183,7 +183,7 @@ def build_detector(
 ) -> nn.Module:
     """A detector with a Container-Light FPN backbone; ``detector_kwargs`` go to torchvision's
     ``FasterRCNN`` / ``RetinaNet`` (e.g. ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``)."""
-    from ssl_container.detection_backbone import fasterrcnn_container_light_fpn, retinanet_container_light_fpn
+    from ssl_container.downstream.detection_backbone import fasterrcnn_container_light_fpn, retinanet_container_light_fpn
 
     builders = {"fasterrcnn": fasterrcnn_container_light_fpn, "retinanet": retinanet_container_light_fpn}
     if arch not in builders:

@@ -42,8 +42,8 @@ from torch import nn
 from eval.store import ShardedFeatureStore
 from ssl_container.signals import stoppable
 from ssl_container.data.workers import DataLoader
-from ssl_container.progress import Progress
-from ssl_container.backbone_features import FEATURE_KINDS, FeatureSet, amp_autocast, dist_info, extract_features, forward_features
+from ssl_container.utils.progress import Progress
+from ssl_container.downstream.backbone_features import FEATURE_KINDS, FeatureSet, amp_autocast, dist_info, extract_features, forward_features
 
 log = logging.getLogger("eval.features")
 

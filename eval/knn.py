@@ -37,7 +37,7 @@ import torch
 
 from eval.store import ShardedFeatureStore, l2_normalize
 from ssl_container.signals import stoppable
-from ssl_container.knn_monitor import DEFAULT_TEMPERATURE, weighted_vote
+from ssl_container.trainer.knn_monitor import DEFAULT_TEMPERATURE, weighted_vote
 
 log = logging.getLogger("eval.knn")
 

@@ -41,8 +41,8 @@ from torch import nn
 from ssl_container.signals import stoppable
 from ssl_container.data.workers import DataLoader
 from ssl_container.data.labelled import AugmentedLabelledShards
-from ssl_container.backbone_features import amp_autocast, forward_features
-from ssl_container.progress import hms
+from ssl_container.downstream.backbone_features import amp_autocast, forward_features
+from ssl_container.utils.progress import hms
 
 log = logging.getLogger("eval.linear")
 

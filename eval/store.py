@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ssl_container.files import atomic_write_json
+from ssl_container.utils.files import atomic_write_json
 
 __all__ = ["ShardedFeatureStore", "l2_normalize"]
 

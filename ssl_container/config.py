@@ -21,11 +21,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from ssl_container.checks import check_fields
+from ssl_container.utils.checks import check_fields
 from ssl_container.data.config import TrainDataConfig
-from ssl_container.dino.config import DinoConfig, HeadConfig, ScheduleConfig
-from ssl_container.files import atomic_write_text
-from ssl_container.trackers import BACKENDS
+from ssl_container.dino.config import DINOLossConfig, HeadConfig, ScheduleConfig
+from ssl_container.utils.files import atomic_write_text
+from ssl_container.trainer.trackers import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ __all__ = [
     "TrainConfig",
     "ModelConfig",
     "HeadConfig",
-    "DinoConfig",
+    "DINOLossConfig",
     "OptimConfig",
     "ScheduleConfig",
     "EngineConfig",
@@ -154,7 +154,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    dino: DinoConfig = field(default_factory=DinoConfig)
+    dino: DINOLossConfig = field(default_factory=DINOLossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)

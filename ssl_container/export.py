@@ -48,8 +48,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ssl_container.files import atomic_path, atomic_write_bytes, sha256_file
-from ssl_container.run_folder import STEP_FOLDER as _STEP, CheckpointError, latest_step_dir
+from ssl_container.utils.files import atomic_path, atomic_write_bytes, sha256_file
+from ssl_container.trainer.run_folder import STEP_FOLDER as _STEP, CheckpointError, latest_step_dir
 
 log = logging.getLogger("ssl_container.export")
 

@@ -150,7 +150,7 @@ def stoppable(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
                 _stoppable_depth.pop()
 
         def _run(*args: Any, **kwargs: Any) -> int:
-            from ssl_container.run_folder import CheckpointError
+            from ssl_container.trainer.run_folder import CheckpointError
 
             with stop_raises():
                 try:

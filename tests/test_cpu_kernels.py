@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_container.cpu_kernels import (FastDepthwiseConv, FastPointwiseConv, _depthwise_weight_grad, _tile_offsets,
+from ssl_container.utils.cpu_kernels import (FastDepthwiseConv, FastPointwiseConv, _depthwise_weight_grad, _tile_offsets,
                                        use_fast_cpu_kernels, use_plain_convs)
 from ssl_container.models import container_light
 

@@ -12,7 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import ssl_container  # noqa: F401
 from ssl_container.models import container_light
-from ssl_container.detection_backbone import (
+from ssl_container.downstream.detection_backbone import (
     ContainerFPNBackbone,
     container_light_fpn_backbone,
     fasterrcnn_container_light_fpn,

@@ -103,7 +103,7 @@ sys.exit(main(sys.argv[2:]))
 def test_a_run_saved_with_unaligned_zero_buffers_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    from ssl_container.metrics import read_metrics
+    from ssl_container.trainer.metrics import read_metrics
 
     tiny = [f"data.urls=[{SHARDS}/train-{{000000..000009}}.tar]", "data.batch_size=4", "data.num_workers=1",
             "data.crops.global_size=64", "data.crops.local_size=32", "data.crops.n_local=2",

@@ -15,7 +15,7 @@ def _param(values, grad):
 def test_adamw_is_fused_on_cpu_and_takes_the_adamw_step():
     cfg = load_config(None, ["schedule.lr=0.1", "optim.betas=[0.9,0.999]"])
     decayed, plain = _param([1.0, -2.0, 0.5], [0.3, -0.2, 4.0]), _param([3.0], [-1.5])
-    opt = build_optimizer(cfg, [{"params": [decayed], "weight_decay": 0.5}, {"params": [plain], "weight_decay": 0.0}])
+    opt = build_optimizer(cfg.optim, [{"params": [decayed], "weight_decay": 0.5}, {"params": [plain], "weight_decay": 0.0}], cfg.schedule.lr)
     assert all(group["fused"] for group in opt.param_groups)
     opt.step()
     # Step 1 after bias correction: m_hat = g, v_hat = g^2, so p <- p (1 - lr wd) - lr g / (|g| + eps).
@@ -28,7 +28,7 @@ def test_adamw_is_fused_on_cpu_and_takes_the_adamw_step():
 def test_sgd_is_fused_on_cpu_and_takes_the_momentum_step():
     cfg = load_config(None, ["optim.optimizer=sgd", "schedule.lr=0.1", "optim.momentum=0.9"])
     p = _param([1.0, -2.0], [0.5, 0.25])
-    opt = build_optimizer(cfg, [{"params": [p], "weight_decay": 0.1}])
+    opt = build_optimizer(cfg.optim, [{"params": [p], "weight_decay": 0.1}], cfg.schedule.lr)
     assert opt.param_groups[0]["fused"]
     opt.step()  # first step: buffer = g + wd p
     d1 = [0.5 + 0.1 * 1.0, 0.25 + 0.1 * -2.0]

@@ -187,7 +187,7 @@ def test_python_m_eval_knn_on_a_feature_store(tmp_path, data):
 
 
 def test_trainer_monitor_vote_matches_the_dino_reference():
-    from ssl_container.knn_monitor import knn_accuracy
+    from ssl_container.trainer.knn_monitor import knn_accuracy
 
     g = np.random.default_rng(3)
     centers = g.normal(size=(7, 16))

@@ -1,10 +1,10 @@
-"""ssl_container.files: the one atomic-write helper."""
+"""ssl_container.utils.files: the one atomic-write helper."""
 import json
 import os
 
 import pytest
 
-from ssl_container.files import atomic_path, atomic_write_json, atomic_write_text
+from ssl_container.utils.files import atomic_path, atomic_write_json, atomic_write_text
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

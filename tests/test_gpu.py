@@ -80,7 +80,7 @@ def _train(run_dir, *overrides, timeout=600):
 
 @needs_data
 def test_stop_and_resume_on_the_gpu_gives_the_same_losses(tmp_path):
-    from ssl_container.metrics import read_metrics
+    from ssl_container.trainer.metrics import read_metrics
 
     _train(tmp_path / "straight", "max_steps=12", "checkpoint.every_steps=100")
     _train(tmp_path / "resumed", "max_steps=6", "checkpoint.every_steps=6")

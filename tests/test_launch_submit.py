@@ -116,6 +116,54 @@ def test_dry_run_lists_changes_against_the_config_the_checkpoint_was_trained_wit
     assert "schedule.lr" not in capsys.readouterr().out
 
 
+def _fake_checkpoint(run, config_overrides, step=10):
+    """A checkpoint folder as the trainer leaves it, as far as a resume plan reads it (meta.json)."""
+    import json
+
+    from ssl_container.config import config_to_dict, load_config
+
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    folder.mkdir(parents=True)
+    trained = config_to_dict(load_config(None, [f"run_dir={run}", *config_overrides]))
+    folder.joinpath("meta.json").write_text(json.dumps({"step": step, "config": trained, "world_size": 1,
+                                                        "train_state": {"step": step}}))
+    (run / "checkpoints" / "latest").write_text(folder.name)
+
+
+PLAN = ["data.samples_per_epoch=1024", "data.batch_size=32", "data.num_workers=2",
+        "data.urls=[/nowhere/train-{000000..000003}.tar]"]
+
+
+def test_dry_run_prints_the_trainers_resume_plan(tmp_path, capsys):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, PLAN)
+    base = [f"run_dir={run}", *PLAN, "--cpus-per-task", "1", "--dry-run"]
+    # A change the saved state depends on: refused, and why, before anything is queued.
+    assert S.main([*base, "data.batch_size=64"]) == 0
+    out = capsys.readouterr().out
+    assert "has checkpoint step_00000010: the job resumes from it" in out
+    assert "data.batch_size: 32 -> 64" in out
+    assert "the resume is refused: resuming" in out and "checkpoint.allow_changes=[data.batch_size]" in out
+    # Accepted: 10 steps of 32 = 320 samples read (160 per stream), 704 left = 11 steps of 64 of the epoch's 16.
+    assert S.main([*base, "data.batch_size=64", "checkpoint.allow_changes=[data.batch_size]"]) == 0
+    out = capsys.readouterr().out
+    assert ("samples per step 32 -> 64 (checkpoint.allow_changes): step 10 goes on at the schedules' step 5, "
+            "each data stream from sample position [160, 160]") in out
+    assert "refused" not in out
+    assert S.main([*base, "checkpoint.resume=false"]) == 0
+    assert "holds checkpoints (step_00000010 .. step_00000010) and checkpoint.resume=false" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"], "a dry run writes nothing"
+
+
+def test_a_resume_the_trainer_would_refuse_is_not_submitted(tmp_path, capsys):
+    run = tmp_path / "run"
+    _fake_checkpoint(run, PLAN)
+    rc = S.main([f"run_dir={run}", *PLAN, "data.batch_size=64", "--cpus-per-task", "1", "--local"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "would change data.batch_size" in err and "nothing was submitted" in err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
 def test_bad_override_fails_before_submission(tmp_path, capsys):
     rc = S.main([f"run_dir={tmp_path / 'r'}", "optim.lrr=1", "--dry-run"])
     err = capsys.readouterr().err

@@ -4,13 +4,18 @@
       models                           (imports nothing else of the project)
       data                             (never imports models)
       dino                             (tensors, not engines: no trainer, train, DeepSpeed)
-      trainer                          (what trains: run building, the step, the loop, engine, checkpoints)
+      trainer                          (what trains: run building, the step, the loop, engine, checkpoints,
+                                        the resume plan, the run folder, metrics and trackers)
+      downstream                       (features, detection backbone, pictures of a trained backbone)
+      utils                            (imports nothing else of the project)
     eval     eval.*                    (the library only)
     launch   launch.*                  (the library only)
     front    ssl_container.cli.*, ssl_container.__main__   (may import everything; nothing imports them)
 
 Only trainer/engine.py and trainer/checkpoint.py import DeepSpeed; only distributed.py reads the rank variables of
-torchrun and Slurm from the environment. A failure names the file and line of each breach.
+torchrun and Slurm from the environment. A failure names the file and line of each breach. The shape of
+the house is checked here too: the package root holds at most ten modules, the trainer's components take
+their own config section rather than the whole run config, and no trainer function outgrows a screen.
 """
 import ast
 import re
@@ -101,6 +106,8 @@ def _package_rule(module: str, target: str) -> str | None:
         return "models import nothing else of the project"
     if _within(module, "ssl_container.data") and _within(target, "ssl_container.models"):
         return "data never imports models"
+    if _within(module, "ssl_container.utils") and not _within(target, "ssl_container.utils"):
+        return "utils import nothing else of the project"
     if _within(module, "ssl_container.dino") and any(
             _within(target, f"ssl_container.{m}") for m in ("trainer", "train")):
         return "dino knows tensors, not engines"
@@ -163,6 +170,7 @@ def test_the_rules_catch_a_breach():
     assert _package_rule("ssl_container.models.container", "ssl_container.export")
     assert _package_rule("ssl_container.data.stream", "ssl_container.models")
     assert _deepspeed_rule("ssl_container.train", "deepspeed.ops")
+    assert _package_rule("ssl_container.utils.files", "ssl_container.config")
     assert not _layer_rule("ssl_container.cli.demo", "eval.protocol")
 
 
@@ -174,3 +182,38 @@ def test_no_module_imports_another_modules_private_names():
                 bad += [f"{path.relative_to(REPO)}:{node.lineno}: {module} imports {node.module}.{a.name}"
                         for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, "private helpers used across modules (make them public or move them):\n" + "\n".join(bad)
+
+
+def test_the_package_root_holds_at_most_ten_modules():
+    root = sorted(p.name for p in (REPO / "ssl_container").glob("*.py"))
+    assert len(root) <= 10, f"{len(root)} modules at the root of ssl_container (move some into a subpackage): {root}"
+
+
+# Each component is built from its own section plus runtime values (torchtitan's component configs);
+# only the run builder and the loop see the whole TrainConfig.
+COMPONENTS = ("ssl_container.trainer.engine", "ssl_container.trainer.checkpoint", "ssl_container.dino.loss",
+              "ssl_container.data.stream", "ssl_container.trainer.knn_monitor")
+
+
+@pytest.mark.parametrize("module", COMPONENTS)
+def test_components_take_their_own_config_section(module):
+    path, tree = SOURCES[module]
+    uses = [n.lineno for n in ast.walk(tree)
+            if (isinstance(n, ast.Name) and n.id == "TrainConfig") or (isinstance(n, ast.alias) and n.name == "TrainConfig")]
+    assert not uses, f"{path.relative_to(REPO)} lines {uses} take the whole TrainConfig: give it its own section"
+
+
+def _functions(package: str):
+    for module, (path, tree) in SOURCES.items():
+        if _within(module, package):
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield f"{path.relative_to(REPO)}:{node.lineno} {node.name}", node.end_lineno - node.lineno + 1
+
+
+def test_the_loop_reads_on_one_screen_and_no_trainer_function_outgrows_one():
+    lengths = dict(_functions("ssl_container.trainer"))
+    loop = {k: v for k, v in lengths.items() if k.endswith(" _train") or k.endswith(" train")}
+    assert loop and all(v <= 60 for v in loop.values()), loop
+    long = {k: v for k, v in lengths.items() if v > 80}
+    assert not long, f"trainer functions over 80 lines: {long}"

@@ -1,7 +1,7 @@
 """Progress of long work: plain lines with elapsed time and ETA in logs, silence where disabled."""
 import io
 
-from ssl_container.progress import Progress, hms
+from ssl_container.utils.progress import Progress, hms
 
 
 def test_hms():
@@ -42,7 +42,7 @@ def test_a_log_sees_the_first_update_at_once_then_one_line_per_interval():
 
 
 def test_the_trainer_prints_its_first_step_in_a_log(tmp_path, capsys):
-    from ssl_container.metrics import MetricsLogger
+    from ssl_container.trainer.metrics import MetricsLogger
 
     log = MetricsLogger(tmp_path, True, total_steps=960, start_step=0, every=50, progress="lines")
     for step in range(1, 60):

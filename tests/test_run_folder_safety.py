@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_container.metrics import read_metrics
+from ssl_container.trainer.metrics import read_metrics
 from test_train import REPO, SHARDS, TINY, _env, _losses, _run, _teacher  # noqa: F401  (skip marker too)
 from test_train import pytestmark  # noqa: F401
 

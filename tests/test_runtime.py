@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the a
 # and count the minor page faults: 16,384 pages each time if the memory went back to the kernel.
 _PROBE = """
 import json, resource, sys, torch
-from ssl_container.runtime import retain_freed_memory
+from ssl_container.utils.runtime import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

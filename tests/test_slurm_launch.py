@@ -184,7 +184,7 @@ def test_interrupted_job_requeues_resumes_and_matches(cluster, reference, tmp_pa
     [stopped] = [e["step"] for e in events if e.get("event") == "stopped"]  # saved at the warning, then requeued
     assert len(resumed) == 1 and signalled_at <= stopped == resumed[0] < STEPS, (stopped, resumed)
 
-    from ssl_container.metrics import read_metrics
+    from ssl_container.trainer.metrics import read_metrics
 
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
     import torch
@@ -225,7 +225,7 @@ def test_scancel_term_to_every_task_saves_and_the_restarted_job_resumes(cluster,
         assert summary["steps"] == stopped_at + 2 and summary["ranks_in_sync"], summary
     events = [json.loads(ln) for ln in metrics.read_text().splitlines() if '"event"' in ln]
     assert [e["step"] for e in events if e["event"] == "resume"] == [stopped_at]
-    from ssl_container.metrics import read_metrics
+    from ssl_container.trainer.metrics import read_metrics
 
     steps = [r["step"] for r in read_metrics(metrics)]
     assert steps == list(range(1, stopped_at + 3)), steps

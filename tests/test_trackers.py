@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ssl_container.metrics import read_metrics
-from ssl_container.trackers import Tracker, Trackers, open_trackers
+from ssl_container.trainer.metrics import read_metrics
+from ssl_container.trainer.trackers import Tracker, Trackers, open_trackers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import SHARDS, _run  # noqa: E402  (the trainer's tiny recipe and runner)
@@ -38,14 +38,14 @@ class _Keep(Tracker):
 def test_a_failing_tracker_is_dropped_with_one_warning_and_the_others_go_on(caplog):
     keep = _Keep()
     trackers = Trackers([_Broken(), keep])
-    with caplog.at_level(logging.WARNING, logger="ssl_container.trackers"):
+    with caplog.at_level(logging.WARNING, logger="ssl_container.trainer.trackers"):
         trackers.scalars({"loss": 1.0}, 1)
         trackers.scalars({"loss": 0.5}, 2)
     assert keep.seen == [(1, {"loss": 1.0}), (2, {"loss": 0.5})]
     assert trackers.names == ["keep"]
     assert len(caplog.records) == 1 and "broken failed in scalars" in caplog.records[0].getMessage()
     # a backend that cannot start is warned about, not raised
-    with caplog.at_level(logging.WARNING, logger="ssl_container.trackers"):
+    with caplog.at_level(logging.WARNING, logger="ssl_container.trainer.trackers"):
         assert open_trackers(["mlflow"], "/tmp/unused-run", mlflow_uri="bogus-scheme://nowhere").names == []
     assert "mlflow could not start" in caplog.records[-1].getMessage()
 

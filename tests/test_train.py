@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssl_container.metrics import read_metrics
+from ssl_container.trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = REPO.parent / "shared" / "data" / "imagenette"

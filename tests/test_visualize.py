@@ -13,7 +13,7 @@ from PIL import Image
 
 import ssl_container  # noqa: F401  (registers the models with timm)
 from ssl_container.models import create_model
-from ssl_container.visualize import attention_maps, describe, pca_basis, pca_rgb, visualize
+from ssl_container.downstream.visualize import attention_maps, describe, pca_basis, pca_rgb, visualize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,7 +147,7 @@ print("heavy:", heavy)
 
 def test_a_shard_or_a_broken_image_is_named_with_what_visualize_wants(tmp_path):
     """Given a .tar, visualize said "cannot identify image file <_io.BytesIO ...>", naming no file."""
-    from ssl_container.visualize import load_images
+    from ssl_container.downstream.visualize import load_images
 
     shard = tmp_path / "train-000000.tar"
     shard.write_bytes(b"\0" * 1024)
@@ -163,7 +163,7 @@ def test_with_a_reference_an_object_touching_the_border_is_the_foreground_and_co
     """Fashion-MNIST's garments reach the image border: the border rule called them background (black object,
     coloured border) for one network and not the other. With the image's saliency as reference both mark the
     object, and the colours are the same whatever sign or order the feature PCA comes out in."""
-    from ssl_container.visualize import saliency
+    from ssl_container.downstream.visualize import saliency
 
     g = torch.Generator().manual_seed(0)
     images = torch.zeros(2, 3, 64, 64)

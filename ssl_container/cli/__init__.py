@@ -91,7 +91,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
-    from ssl_container.visualize import draw, describe, load_backbone_or_model, load_images
+    from ssl_container.downstream.visualize import draw, describe, load_backbone_or_model, load_images
 
     try:
         model = load_backbone_or_model(args.weights, which=args.which, model_name=args.model, seed=args.seed)

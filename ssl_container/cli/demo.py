@@ -36,7 +36,7 @@ from ssl_container.data.shards import write_shards
 from ssl_container.export import export, load_backbone
 from ssl_container.models import create_model
 from ssl_container.train import train
-from ssl_container.visualize import visualize
+from ssl_container.downstream.visualize import visualize
 
 IMAGE_SIZE = 64  # evaluation resolution, the global-crop size of the recipe
 PICTURE_SIZE, PICTURE_IMAGES = 224, 4  # any side divisible by 32: 224 gives 14 x 14 at stage 3, 7 x 7 at stage 4

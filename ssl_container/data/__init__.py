@@ -3,7 +3,7 @@
 This package never imports ``ssl_container.models``. Its names load on first use (``data.config``
 is torch-free and the command line reads it; the rest imports torch).
 """
-from ssl_container.lazy import lazy_exports
+from ssl_container.utils.lazy import lazy_exports
 
 _WHERE = {
     "BadDataError": "sources",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ssl_container.checks import check_fields
+from ssl_container.utils.checks import check_fields
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalTransformConfig", "MultiCropConfig", "TrainDataConfig"]
 

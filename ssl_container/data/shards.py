@@ -24,8 +24,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ssl_container.data.augment import BadImageError, decode_rgb
-from ssl_container.files import atomic_path, atomic_write_json, sha256_file
-from ssl_container.progress import Progress
+from ssl_container.utils.files import atomic_path, atomic_write_json, sha256_file
+from ssl_container.utils.progress import Progress
 from ssl_container.data.sources import (
     BadDataCounter,
     expand_urls,

@@ -5,12 +5,12 @@ tests and benchmarks can use it alike. ``loss.py`` is the one place that touches
 ``torch.distributed`` (the center and Sinkhorn-Knopp sums span all ranks). Names load on first use:
 ``dino.config`` is torch-free and the command line reads it; the rest imports torch.
 """
-from ssl_container.lazy import lazy_exports
+from ssl_container.utils.lazy import lazy_exports
 
 _WHERE = {
     "CollapseMonitor": "diagnostics",
     "collapse_stats": "diagnostics",
-    "DinoConfig": "config",
+    "DINOLossConfig": "config",
     "HeadConfig": "config",
     "ScheduleConfig": "config",
     "DINOHead": "head",

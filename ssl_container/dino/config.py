@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ssl_container.checks import check_fields
+from ssl_container.utils.checks import check_fields
 
-__all__ = ["HeadConfig", "DinoConfig", "ScheduleConfig"]
+__all__ = ["HeadConfig", "DINOLossConfig", "ScheduleConfig"]
 
 
 @dataclass
@@ -30,8 +30,9 @@ class HeadConfig:
 
 
 @dataclass
-class DinoConfig:
-    """The loss: temperatures of the student, centering (or Sinkhorn-Knopp), KoLeo."""
+class DINOLossConfig:
+    """The ``dino`` section: :class:`DINOLoss` (``DINOLoss.from_config``): the student temperature,
+    centering (or Sinkhorn-Knopp); and the KoLeo regulariser's weight beside it in the step."""
 
     student_temp: float = 0.1
     center_momentum: float = 0.9

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DINOLossConfig
 from .diagnostics import collapse_stats
 
 __all__ = ["DINOLoss", "sinkhorn_knopp"]
@@ -96,6 +97,13 @@ class DINOLoss(nn.Module):
     """
 
     center: torch.Tensor
+
+    @classmethod
+    def from_config(cls, cfg: DINOLossConfig, out_dim: int, ncrops: int, n_global_crops: int) -> "DINOLoss":
+        """The loss of the run config's ``dino`` section, for a head of ``out_dim`` prototypes and the
+        crop counts of the data section."""
+        return cls(out_dim, ncrops, cfg.student_temp, cfg.center_momentum, cfg.sinkhorn_knopp,
+                   n_global_crops=n_global_crops)
 
     def __init__(
         self,

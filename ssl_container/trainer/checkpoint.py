@@ -35,8 +35,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_container import distributed as D
-from ssl_container.files import atomic_path, atomic_write_text
-from ssl_container.run_folder import (STEP_FOLDER, CheckpointError, check_intact, folder_bytes, folder_files, latest_step_dir,
+from ssl_container.config import CheckpointConfig
+from ssl_container.utils.files import atomic_path, atomic_write_text
+from ssl_container.trainer.run_folder import (STEP_FOLDER, CheckpointError, check_intact, folder_bytes, folder_files, latest_step_dir,
                                       move_aside, read_latest)
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,10 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 class CheckpointManager:
     """Saves and restores the student engine, the teacher, the loss center and the counters."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int, meta: dict[str, Any]) -> None:
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, meta: dict[str, Any]) -> None:
         self.root = Path(run_dir) / "checkpoints"
-        self.keep_last = keep_last
+        self.cfg = cfg
+        self.keep_last = cfg.keep_last
         self.meta = meta  # model/head arguments and config digest, written into every meta.json
 
     # -- save --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ssl_container.config import TrainConfig
+from ssl_container.config import EngineConfig, OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 
-def select_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
-    want = cfg.engine.device
+def select_device(cfg: EngineConfig, local_rank: int = 0) -> torch.device:
+    want = cfg.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("engine.device=cuda but no CUDA device is visible; use engine.device=cpu or auto")
@@ -51,32 +51,33 @@ def select_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
+def effective_precision(cfg: EngineConfig, device: torch.device) -> str:
     """bf16/fp16 need an accelerator to pay off (DeepSpeed refuses fp16 on CPU): fall back to fp32."""
-    precision = cfg.engine.precision
+    precision = cfg.precision
     if device.type == "cpu" and precision != "fp32":
         log.info("engine.precision=%s requested on CPU: training in fp32 instead", precision)
         return "fp32"
     return precision
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device,
-                           load_universal: bool = False) -> dict[str, Any]:
-    """DeepSpeed's JSON config, generated from the run config (saved beside it in the run folder)."""
+def build_deepspeed_config(cfg: EngineConfig, micro_batch: int, clip_grad: float, world_size: int,
+                           device: torch.device, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's JSON config from the engine section and the run's batch per rank and clipping norm
+    (saved beside the run config in the run folder)."""
     precision = effective_precision(cfg, device)
-    micro = cfg.data.batch_size
-    accum = cfg.engine.grad_accum_steps
+    micro = micro_batch
+    accum = cfg.grad_accum_steps
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
-        "gradient_clipping": float(cfg.optim.clip_grad),
+        "gradient_clipping": float(clip_grad),
         "zero_optimization": {
-            "stage": cfg.engine.zero_stage,
+            "stage": cfg.zero_stage,
             # ZeRO-1/2 re-point every parameter into one flat buffer; packed without padding, a
             # parameter after an odd-sized one starts off a 16-byte boundary and cuDNN's kernels
             # fault on it ("misaligned address"). Padding each to 16 bytes costs a few bytes a tensor.
-            **({"parameter_alignment": True} if cfg.engine.zero_stage in (1, 2) else {}),
+            **({"parameter_alignment": True} if cfg.zero_stage in (1, 2) else {}),
         },
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own metrics log; keep DeepSpeed's console quiet
@@ -91,14 +92,16 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.devi
     return ds
 
 
-def build_optimizer(cfg: TrainConfig, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, param_groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """The optimizer section's AdamW / SGD (fused kernels) over ``param_groups``; ``lr`` is the starting
+    value only: the schedules set lr and weight decay in every group each step."""
     # DeepSpeed's elastic ZeRO checkpoints record a per-group "step" (its own optimizers keep one);
     # torch's keep it per parameter, so give the groups a placeholder for the format's sake.
     for group in param_groups:
         group.setdefault("step", 0)
-    if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=cfg.schedule.lr, betas=tuple(cfg.optim.betas), fused=True)
-    return torch.optim.SGD(param_groups, lr=cfg.schedule.lr, momentum=cfg.optim.momentum, fused=True)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(cfg.betas), fused=True)
+    return torch.optim.SGD(param_groups, lr=lr, momentum=cfg.momentum, fused=True)
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -156,9 +159,10 @@ def _install_safe_checkpoint_engine(engine: Any) -> None:
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
-def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[dict[str, Any]], device: torch.device,
-                      world_size: int, load_universal: bool = False):
-    """``deepspeed.initialize`` on an already created process group; returns (engine, optimizer, ds_config)."""
+def initialize_engine(cfg: EngineConfig, student: nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch: int,
+                      clip_grad: float, device: torch.device, world_size: int, load_universal: bool = False):
+    """``deepspeed.initialize`` of the engine section on an already created process group, for the
+    student and its optimizer (``build_optimizer``); returns (engine, optimizer, ds_config)."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -167,14 +171,13 @@ def initialize_engine(cfg: TrainConfig, student: nn.Module, param_groups: list[d
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (about a minute on 2
         # cores) that only its inference path uses; training all-reduces go through gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    _check_deepspeed_version(deepspeed.__version__, cfg.engine.zero_stage, device)
-    ds_config = build_deepspeed_config(cfg, world_size, device, load_universal)
-    optimizer = build_optimizer(cfg, param_groups)
+    _check_deepspeed_version(deepspeed.__version__, cfg.zero_stage, device)
+    ds_config = build_deepspeed_config(cfg, micro_batch, clip_grad, world_size, device, load_universal)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     _install_safe_checkpoint_engine(engine)
-    if world_size == 1 and cfg.engine.zero_stage == 0:
+    if world_size == 1 and cfg.zero_stage == 0:
         # One rank has nothing to average: skip flattening and all-reducing every gradient.
         engine.enable_backward_allreduce = False
     return engine, optimizer, ds_config

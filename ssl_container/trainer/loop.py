@@ -3,17 +3,18 @@
 ``build_run`` (run.py) makes the run: student in a DeepSpeed engine, EMA teacher, loss, schedules,
 checkpoints, resumed state. This module is the loop over ``dino_step`` (run.py: the teacher sees the
 global crops, the student all crops -> DINO loss -> backward and a scheduled update -> EMA): one
-WebDataset loader per epoch, metrics and collapse warnings per step, a checkpoint every
+WebDataset loader for all epochs, metrics and collapse warnings per step, a checkpoint every
 ``checkpoint.every_steps``, the online k-NN monitor at epoch ends, a stop signal honoured at a step
 boundary. The command line (``ssl_container.train``) imports it only once the config is good, so
 ``--help`` and config refusals answer without loading torch.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import signal
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,12 +23,12 @@ from ssl_container import distributed as D
 from ssl_container.config import TrainConfig, check_shards, config_to_dict, flatten_config
 from ssl_container.dino import CollapseMonitor
 from ssl_container.trainer.engine import select_device
-from ssl_container.knn_monitor import OnlineKNN
-from ssl_container.metrics import MetricsLogger, plot_run
+from ssl_container.trainer.knn_monitor import OnlineKNN
+from ssl_container.trainer.metrics import MetricsLogger, plot_run
 from ssl_container.trainer.run import Run, build_run, dino_step
 from ssl_container.signals import GracefulStop, StoppedBySignal
-from ssl_container.files import atomic_write_json
-from ssl_container.trackers import Trackers, open_trackers
+from ssl_container.utils.files import atomic_write_json
+from ssl_container.trainer.trackers import Trackers, open_trackers
 
 log = logging.getLogger("ssl_container.train")
 
@@ -47,17 +48,34 @@ def train(cfg: TrainConfig, take_signals: Sequence[int] = ()) -> dict[str, Any]:
     warning)."""
     check_shards(cfg)  # before anything is written
     env = D.resolve_env()
-    device = select_device(cfg, env.local_rank)
-    with GracefulStop(announce=env.is_main, take=tuple(take_signals)) as stops:
-        D.init_distributed(device, env)
-        run = None
-        try:
-            run = build_run(cfg, env, device)
-            return _train(run, stops)
-        finally:
-            if run is not None:
-                run.close()
-            D.cleanup()
+    device = select_device(cfg.engine, env.local_rank)
+    with GracefulStop(announce=env.is_main, take=tuple(take_signals)) as stops, _process_group(device, env), \
+            contextlib.closing(build_run(cfg, env, device)) as run:
+        return _train(run, stops)
+
+
+def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
+    """The loop: a stop check, one step, its metrics and warnings, the periodic save and k-NN."""
+    cfg, state = run.cfg, run.state
+    metrics = MetricsLogger(run.run_dir, run.env.is_main, run.total_steps, state.step, cfg.logging.every_steps,
+                            _trackers(cfg, state.step) if run.env.is_main else None, cfg.logging.progress)
+    _announce(run)
+    monitor = OnlineKNN(cfg.monitor, run.env.rank, run.env.world_size, run.device) if cfg.monitor.every_epochs else None
+    collapse = CollapseMonitor(cfg.head.out_dim, rows=cfg.data.crops.n_global * cfg.data.batch_size)
+    loader = run.loader()
+    with _stepping(loader, metrics) as batches:
+        while state.step < run.total_steps:
+            _stop_if_asked(run, stops, metrics)  # before each step: a signal in start-up or an epoch change too
+            record = dino_step(run, batches).metrics
+            record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
+            metrics.log(state.step, record)
+            _watch(run, collapse, metrics, record)
+            if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
+                run.save()
+            epoch_done, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
+            if monitor is not None and in_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
+                metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
+    return _finish(run, metrics)
 
 
 def _stop_if_asked(run: Run, stops: GracefulStop, metrics: MetricsLogger) -> None:
@@ -74,62 +92,70 @@ def _stop_if_asked(run: Run, stops: GracefulStop, metrics: MetricsLogger) -> Non
     raise StoppedBySignal(stops.received or signal.SIGTERM, folder, run.state.step)
 
 
-def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
-    cfg, env, state = run.cfg, run.env, run.state
-    metrics = MetricsLogger(run.run_dir, env.is_main, run.total_steps, state.step, cfg.logging.every_steps,
-                            _trackers(cfg, state.step) if env.is_main else None, cfg.logging.progress)
-    if env.is_main:
-        log.info("DINO %s: %d steps (%d per epoch, %d epochs), %d rank(s), batch %d/rank, %s, ZeRO-%d, from step %d",
-                 cfg.model.name, run.total_steps, run.iters_per_epoch, cfg.epochs, env.world_size, cfg.data.batch_size,
-                 run.precision, cfg.engine.zero_stage, state.step)
-    monitor = OnlineKNN(cfg.monitor, env.rank, env.world_size, run.device) if cfg.monitor.every_epochs > 0 else None
-    collapse = CollapseMonitor(cfg.head.out_dim, rows=cfg.data.crops.n_global * cfg.data.batch_size)
-    loader = run.loader()
-    batches = iter(loader)
-    failed = True
+@contextlib.contextmanager
+def _process_group(device: torch.device, env: D.DistEnv) -> Iterator[None]:
+    D.init_distributed(device, env)
     try:
-        while state.step < run.total_steps:
-            _stop_if_asked(run, stops, metrics)  # before each step: a signal in start-up or an epoch change too
-            record = dino_step(run, batches).metrics
-            record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
-            metrics.log(state.step, record)
-            warning = collapse.update(state.step, record)
-            if warning and env.is_main:
-                log.warning(warning)
-                metrics.event("collapse_warning", step=state.step, message=warning)
-            if state.consecutive_nonfinite >= cfg.max_nonfinite:
-                folder = run.save()
-                raise NonFiniteLossError(
-                    f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
-                    f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
-                    f"saved in {folder}. Usual causes: a learning rate too high for the batch (schedule.lr), fp16 "
-                    "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
-                    "schedule.warmup_epochs and restart from the same run_dir to resume."
-                )
-            if state.step % cfg.checkpoint.every_steps == 0 or state.step == run.total_steps:
-                run.save()
-            epoch_done, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
-            if monitor is not None and in_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
-                metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
-        failed = False
+        yield
     finally:
+        D.cleanup()
+
+
+@contextlib.contextmanager
+def _stepping(loader: Any, metrics: MetricsLogger) -> Iterator[Iterator[dict[str, Any]]]:
+    """The loader's batches for the loop; however the loop ends, its workers are shut down, and a run
+    that failed or was stopped is recorded as killed by the trackers (a resume continues it)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    except BaseException:
         try:
             _close(batches)
         except Exception:
             # Stopping (submitit's requeue exit, a crash) can race with the workers being signalled
             # too; the loader's complaint must not replace the exception that is stopping the run.
-            if not failed:
-                raise
             log.warning("the data loader did not shut down cleanly while the run was stopping", exc_info=True)
-        if failed:  # trackers record a stopped run as killed; a resume continues it
-            metrics.close(ok=False)
+        metrics.close(ok=False)
+        raise
+    _close(batches)
+
+
+def _announce(run: Run) -> None:
+    cfg = run.cfg
+    if run.env.is_main:
+        log.info("DINO %s: %d steps (%d per epoch, %d epochs), %d rank(s), batch %d/rank, %s, ZeRO-%d, from step %d",
+                 cfg.model.name, run.total_steps, run.iters_per_epoch, cfg.epochs, run.env.world_size,
+                 cfg.data.batch_size, run.precision, cfg.engine.zero_stage, run.state.step)
+
+
+def _watch(run: Run, collapse: CollapseMonitor, metrics: MetricsLogger, record: dict[str, Any]) -> None:
+    """After a step: a collapse warning when the teacher's outputs degenerate; a stop, with the last good
+    weights saved, after ``max_nonfinite`` non-finite losses in a row."""
+    state = run.state
+    warning = collapse.update(state.step, record)
+    if warning and run.env.is_main:
+        log.warning(warning)
+        metrics.event("collapse_warning", step=state.step, message=warning)
+    if state.consecutive_nonfinite >= run.cfg.max_nonfinite:
+        folder = run.save()
+        raise NonFiniteLossError(
+            f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
+            f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
+            f"saved in {folder}. Usual causes: a learning rate too high for the batch (schedule.lr), fp16 "
+            "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
+            "schedule.warmup_epochs and restart from the same run_dir to resume."
+        )
+
+
+def _finish(run: Run, metrics: MetricsLogger) -> dict[str, Any]:
+    """The summary (and summary.json), with a check that every rank ends with the same student."""
     digests = _rank_digests(run.engine.module)
-    curves = plot_run(run.run_dir) if env.is_main else None
-    summary = {"run_dir": str(run.run_dir), "steps": state.step, "skipped_steps": state.skipped_steps,
+    curves = plot_run(run.run_dir) if run.env.is_main else None
+    summary = {"run_dir": str(run.run_dir), "steps": run.state.step, "skipped_steps": run.state.skipped_steps,
                "checkpoint": str(run.checkpoints.root / (run.checkpoints.latest() or "")),
                "curves": str(curves) if curves else None,
                "ranks_in_sync": len(set(digests)) == 1, "student_sha256_per_rank": digests}
-    if env.is_main:
+    if run.env.is_main:
         atomic_write_json(run.run_dir / "summary.json", summary)
         if not summary["ranks_in_sync"]:
             log.error("student weights differ across ranks at the end of training: %s", digests)

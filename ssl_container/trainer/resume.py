@@ -11,6 +11,7 @@ before anything is written; ``build_run`` applies the result.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,46 +24,136 @@ from ssl_container.trainer.checkpoint import CheckpointError, CheckpointManager,
 
 log = logging.getLogger("ssl_container.train")
 
-__all__ = ["carry_position", "check_carried_streams", "plan_resume", "reference_changes"]
+__all__ = ["ResumePlan", "carry_position", "check_carried_streams", "fresh_start_refusal", "make_plan", "plan_resume",
+           "preview", "reference_config"]
+
+
+@dataclass
+class ResumePlan:
+    """What resuming a run folder with a config does, decided before anything is written."""
+
+    checkpoint: Path | None = None  # the intact step folder it continues from (None: nothing to resume)
+    reference: Path | None = None  # where the config it was trained with was read (meta.json, or config.yaml)
+    changes: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, trained with, now)
+    refused: str | None = None  # why this resume is refused
+    state: TrainState | None = None  # the counters it goes on with: step, schedule shift, carried data position
+    carried: tuple[int, int] | None = None  # samples per step before -> now, when this resume carries the position
+
+    def describe(self) -> list[str]:
+        """The plan in a few lines (``ssl-container launch --dry-run`` prints them)."""
+        if self.checkpoint is None:
+            return [] if self.refused is None else [f"the resume is refused: {self.refused}"]
+        lines = [f"{self.checkpoint.parent.parent} has checkpoint {self.checkpoint.name}: the job resumes from it"]
+        if self.changes:
+            lines.append(f"config changes against the config the run was trained with ({self.reference}): "
+                         + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in self.changes))
+        if self.state is not None and self.carried:
+            lines.append(f"samples per step {self.carried[0]} -> {self.carried[1]} (checkpoint.allow_changes): step "
+                         f"{self.state.step} goes on at the schedules' step {self.state.step - self.state.schedule_shift}"
+                         + (f", each data stream from sample position {self.state.data_base['positions']}"
+                            if self.state.data_base else ""))
+        if self.refused is not None:
+            lines.append(f"the resume is refused: {self.refused}")
+        return lines
 
 
 def plan_resume(cfg: TrainConfig, ckpt: CheckpointManager, iters_per_epoch: int, world_size: int) -> TrainState | None:
     """The counters a resume of ``ckpt``'s newest intact checkpoint goes on with (None: none to read),
     after every check; raises :class:`CheckpointError` for a resume that must be refused."""
-    meta = ckpt.peek()  # verifies the checkpoint's files; falls back to the newest intact one
-    if meta is None:
+    plan = make_plan(cfg, ckpt, iters_per_epoch, world_size)
+    if plan.changes:
+        log.warning("resuming %s with a changed config: %s", cfg.run_dir,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in plan.changes))
+    if plan.refused is not None:
+        raise CheckpointError(plan.refused)
+    if plan.carried:
+        log.warning("%s", plan.describe()[-1])
+    return plan.state
+
+
+def make_plan(cfg: TrainConfig, ckpt: CheckpointManager, iters_per_epoch: int | None, world_size: int,
+              check_model: bool = True) -> ResumePlan:
+    """The :class:`ResumePlan` of ``ckpt``'s newest intact checkpoint with ``cfg`` (refusals recorded in
+    it, not raised). ``check_model=False`` skips the comparison with the built model's metadata (the
+    launcher plans before any model exists; a model change is listed among the config changes)."""
+    plan = ResumePlan()
+    try:
+        meta = ckpt.peek()  # verifies the checkpoint's files; falls back to the newest intact one
+        if meta is None:
+            return plan
+        plan.checkpoint = ckpt.root / ckpt.resume_point()
+        if check_model:
+            ckpt.check_compatible(meta, plan.checkpoint)
+        found = reference_config(meta, plan.checkpoint, Path(cfg.run_dir))
+        state = TrainState.from_dict(meta.get("train_state", {}))
+        if found is not None:
+            plan.reference = found[1]
+            plan.changes = [c for c in config_changes(found[0], cfg) if c[0] != "checkpoint.allow_changes"]
+            previous = _accepted(cfg, plan.changes, found)
+            if (previous is not None or state.data_base) and iters_per_epoch is None:
+                raise CheckpointError("placing the carried data position needs the data section complete (data.urls, "
+                                      "data.samples_per_epoch)")
+            if previous is not None:
+                carry_position(state, previous, cfg, iters_per_epoch, world_size, meta.get("world_size", world_size))
+                if state.step:
+                    plan.carried = (previous.data.batch_size * previous.engine.grad_accum_steps,
+                                    cfg.data.batch_size * cfg.engine.grad_accum_steps)
+        if iters_per_epoch is not None:
+            check_carried_streams(state, cfg, iters_per_epoch, world_size, meta.get("world_size", world_size))
+        plan.state = state
+    except CheckpointError as err:
+        plan.refused = str(err)
+    return plan
+
+
+def preview(cfg: TrainConfig, world_size: int) -> ResumePlan:
+    """The plan a trainer started now with ``cfg`` on ``world_size`` ranks would follow in its run folder
+    (for a launcher: it reads the folder, builds no model and writes nothing)."""
+    ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint, meta={})
+    existing = ckpt.complete_steps()
+    if existing and not cfg.checkpoint.resume:
+        return ResumePlan(refused=fresh_start_refusal(cfg, existing))
+    if not existing:
+        return ResumePlan()
+    try:
+        iters: int | None = max(1, steps_per_epoch(data_config(cfg), world_size) // cfg.engine.grad_accum_steps)
+    except ConfigError:
+        iters = None  # an incomplete data section (no shards yet): only a carried position needs it
+    return make_plan(cfg, ckpt, iters, world_size, check_model=False)
+
+
+def fresh_start_refusal(cfg: TrainConfig, existing: list[str]) -> str | None:
+    """Why a fresh start (``checkpoint.resume=false``) may not go ahead where checkpoints exist: it would
+    replace them. None with ``checkpoint.overwrite``, which moves the old run folder aside instead."""
+    if not existing or cfg.checkpoint.overwrite:
         return None
-    ckpt.check_compatible(meta, ckpt.root / ckpt.resume_point())
-    saved_world = meta.get("world_size", world_size)
-    previous = reference_changes(cfg, meta, Path(cfg.run_dir) / "config.yaml")
-    carried = TrainState.from_dict(meta.get("train_state", {}))
-    if previous is not None:
-        carry_position(carried, previous, cfg, iters_per_epoch, world_size, saved_world)
-    check_carried_streams(carried, cfg, iters_per_epoch, world_size, saved_world)
-    return carried
+    run_dir = Path(cfg.run_dir)
+    return (f"{run_dir} holds checkpoints ({existing[0]} .. {existing[-1]}) and checkpoint.resume=false: a fresh "
+            "start would replace them. Choose one: resume them (checkpoint.resume=true), train in a new "
+            "run_dir, or checkpoint.overwrite=true, which renames the old run folder to "
+            f"{run_dir.name}.replaced-<time> and starts fresh (nothing is deleted). Nothing has been changed.")
 
 
-def reference_changes(cfg: TrainConfig, meta: dict[str, Any], saved_path: Path) -> TrainConfig | None:
-    """A resume lists every key that differs from the config the checkpoint was written with (its
-    meta.json; the run's config.yaml for checkpoints of earlier versions); keys that reinterpret the
-    saved state refuse unless checkpoint.allow_changes names them. Returns that config when an accepted
-    change alters the samples per step or epoch (the position is then carried over). config.yaml is not
-    the reference: a launcher writes it at submission, and a changed run may stop before its first save."""
+def reference_config(meta: dict[str, Any], step_dir: Path, run_dir: Path) -> tuple[dict[str, Any], Path] | None:
+    """The config a checkpoint was trained with and where it was read: its meta.json records it; the
+    run's config.yaml stands in for checkpoints of earlier versions. config.yaml is no reference once a
+    checkpoint records its own: a launcher rewrites it at submission, and a changed run may stop before
+    its first save."""
     if "config" in meta:
-        saved = meta["config"]
-    elif saved_path.is_file():
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-    else:
-        return None
-    changes = [c for c in config_changes(saved, cfg) if c[0] != "checkpoint.allow_changes"]
-    if not changes:
-        return None
-    log.warning("resuming %s with a changed config: %s", saved_path.parent,
-                "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+        return meta["config"], step_dir / "meta.json"
+    path = run_dir / "config.yaml"
+    return ((yaml.safe_load(path.read_text()) or {}), path) if path.is_file() else None
+
+
+def _accepted(cfg: TrainConfig, changes: list[tuple[str, Any, Any]],
+              found: tuple[dict[str, Any], Path]) -> TrainConfig | None:
+    """Keys that reinterpret the saved state are refused unless checkpoint.allow_changes names them.
+    Returns the trained-with config when an accepted change alters the samples per step or epoch (the
+    position is then carried over)."""
     refused = [k for k, _, _ in changes if changes_state(k) and k not in cfg.checkpoint.allow_changes]
     if refused:
         raise CheckpointError(
-            f"resuming {saved_path.parent} would change {', '.join(refused)}, which the saved state depends on (data "
+            f"resuming {cfg.run_dir} would change {', '.join(refused)}, which the saved state depends on (data "
             "position, schedules, random draws). Resume with the values it was trained with (its config.yaml, or "
             "the checkpoint's meta.json), train in a new run_dir, "
             f"or accept the change knowingly with checkpoint.allow_changes=[{','.join(refused)}]. Nothing has been "
@@ -70,9 +161,9 @@ def reference_changes(cfg: TrainConfig, meta: dict[str, Any], saved_path: Path) 
     if not any(k in _PER_STEP_KEYS for k, _, _ in changes):
         return None
     try:
-        return load_config(saved)
+        return load_config(found[0])
     except (ConfigError, ValueError) as err:
-        raise CheckpointError(f"{saved_path} cannot be read back to carry the data position over: {err}") from None
+        raise CheckpointError(f"{found[1]} cannot be read back to carry the data position over: {err}") from None
 
 
 # Keys that change the samples per step or per epoch: an accepted change re-places schedules and data.
@@ -102,10 +193,6 @@ def carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters_
     new_k = min(iters_per_epoch, max(0, iters_per_epoch - left // (new_data.batch_size * accum))) if k else 0
     state.schedule_shift = state.step - (epoch * iters_per_epoch + new_k)
     state.data_base = {"epoch": epoch, "step": new_k * accum, "positions": positions} if k else None
-    log.warning("samples per step %d -> %d (checkpoint.allow_changes): step %d goes on at the schedules' step %d "
-                "(epoch %d, %d of %d steps); each data stream of a rank goes on from its sample position %s",
-                old_data.batch_size * old_accum, new_data.batch_size * accum, state.step,
-                state.step - state.schedule_shift, epoch, new_k, iters_per_epoch, positions)
 
 
 def check_carried_streams(state: TrainState, cfg: TrainConfig, iters_per_epoch: int, world_size: int,

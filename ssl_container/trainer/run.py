@@ -25,22 +25,21 @@ from ssl_container import distributed as D
 from ssl_container.trainer.checkpoint import CheckpointError, CheckpointManager, TrainState, move_aside
 from ssl_container.config import (ConfigError, TrainConfig, config_digest, data_config,
                                   config_to_dict, save_config)
-from ssl_container.cpu_kernels import use_fast_cpu_kernels
+from ssl_container.utils.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.stream import make_train_loader, steps_per_epoch
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
-from ssl_container.trainer.engine import (autocast_context, compile_backbones, ema_update, effective_precision, initialize_engine,
-                                  make_teacher)
+from ssl_container.trainer.engine import (autocast_context, build_optimizer, compile_backbones, effective_precision,
+                                          ema_update, initialize_engine, make_teacher)
 from ssl_container.models import create_model
 from ssl_container.models.container import DropPath
-from ssl_container.trainer.resume import plan_resume
+from ssl_container.trainer.resume import fresh_start_refusal, plan_resume
 from ssl_container.trainer.run_lock import RunFolderBusy, RunLock
-from ssl_container.runtime import retain_freed_memory
+from ssl_container.utils.runtime import retain_freed_memory
 
 log = logging.getLogger("ssl_container.train")
 
 __all__ = ["Run", "StepRecord", "build_run", "build_student", "data_config", "dino_step"]
-
 
 
 def build_student(cfg: TrainConfig) -> MultiCropWrapper:
@@ -181,12 +180,70 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
 def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None,
                lock: RunLock | None) -> Run:
     run_dir = Path(cfg.run_dir)
-    precision = effective_precision(cfg, device)
+    precision = effective_precision(cfg.engine, device)
     _set_cpu_threads(cfg, env, device)
     if device.type == "cpu" and cfg.engine.cpu_retain_memory:
         retain_freed_memory()
 
-    # --- models: identical initial weights on every rank, distribution applied from outside ---------
+    student, teacher = _build_models(cfg, device, precision)
+    crops = cfg.data.crops
+    loss = DINOLoss.from_config(cfg.dino, cfg.head.out_dim, crops.n_global + crops.n_local, crops.n_global).to(device)
+
+    # --- data and schedules -----------------------------------------------------------------------
+    dcfg = data_config(cfg)
+    accum = cfg.engine.grad_accum_steps
+    micro_per_epoch = steps_per_epoch(dcfg, env.world_size)
+    iters_per_epoch = micro_per_epoch // accum
+    if iters_per_epoch < 1:
+        raise ConfigError(f"an epoch has {micro_per_epoch} batches per rank, fewer than engine.grad_accum_steps={accum}: "
+                          "raise data.samples_per_epoch or lower engine.grad_accum_steps")
+    sched = DINOSchedules(cfg.epochs, iters_per_epoch, cfg.data.batch_size * accum * env.world_size, cfg.schedule)
+
+    # --- checked before anything is written: crops, the run folder's checkpoints ----------------------
+    _check_crops(cfg, student.backbone)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, meta={
+        "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
+        "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
+        "config_sha256": config_digest(cfg),
+        "config": config_to_dict(cfg),  # the reference a resume compares its config with
+    })
+    resume = cfg.checkpoint.resume if resume is None else resume
+    existing = ckpt.complete_steps()
+    carried = None
+    if existing and not resume:
+        _start_over(cfg, env, existing, lock)
+    elif resume and existing:
+        carried = plan_resume(cfg, ckpt, iters_per_epoch, env.world_size)  # refuses before anything is written
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # --- engine and resume --------------------------------------------------------------------------
+    universal = resume and ckpt.needs_universal(env.world_size, cfg.engine.zero_stage)
+    if universal:
+        ckpt.prepare_universal()
+    no_wd = {f"backbone.{n}" for n in getattr(student.backbone, "no_weight_decay", lambda: set())()}
+    optimizer = build_optimizer(cfg.optim, get_param_groups(student, no_wd), lr=cfg.schedule.lr)
+    engine, optimizer, ds_config = initialize_engine(cfg.engine, student, optimizer, micro_batch=cfg.data.batch_size,
+                                                     clip_grad=cfg.optim.clip_grad, device=device,
+                                                     world_size=env.world_size, load_universal=universal)
+    if env.is_main:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
+    state = (ckpt.load(engine, {"teacher": teacher, "dino_state": loss}, universal) if resume else None) or TrainState()
+    if carried is not None and carried.step == state.step:
+        state.schedule_shift, state.data_base = carried.schedule_shift, carried.data_base
+    end = sched.total_iters + state.schedule_shift  # the step count at the schedules' end
+    engine.train()
+    teacher.train()  # batch statistics, as DINO's teacher
+    return Run(cfg=cfg, env=env, device=device, precision=precision, engine=engine, optimizer=optimizer,
+               teacher=teacher, loss=loss, schedules=sched, data=dcfg, checkpoints=ckpt, state=state,
+               total_steps=min(end, cfg.max_steps or end), iters_per_epoch=iters_per_epoch,
+               buffers=[b for m in (teacher, engine.module, loss) for b in m.buffers()])
+
+
+def _build_models(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[MultiCropWrapper, nn.Module]:
+    """Student and teacher with identical initial weights on every rank; distribution (SyncBatchNorm)
+    and speed (CPU kernels, regional compile) applied from outside the models."""
     torch.manual_seed(cfg.seed)
     try:
         student = build_student(cfg)
@@ -201,70 +258,23 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
         compile_backbones(student, teacher, mode=cfg.engine.compile_mode)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # crop sizes are fixed: pick each convolution's fastest kernel once
-    crops = cfg.data.crops
-    loss = DINOLoss(cfg.head.out_dim, crops.n_global + crops.n_local, cfg.dino.student_temp,
-                    cfg.dino.center_momentum, cfg.dino.sinkhorn_knopp, n_global_crops=crops.n_global).to(device)
+    return student, teacher
 
-    # --- data and schedules -----------------------------------------------------------------------
-    dcfg = data_config(cfg)
-    accum = cfg.engine.grad_accum_steps
-    micro_per_epoch = steps_per_epoch(dcfg, env.world_size)
-    iters_per_epoch = micro_per_epoch // accum
-    if iters_per_epoch < 1:
-        raise ConfigError(f"an epoch has {micro_per_epoch} batches per rank, fewer than engine.grad_accum_steps={accum}: "
-                          "raise data.samples_per_epoch or lower engine.grad_accum_steps")
-    sched = DINOSchedules(cfg.epochs, iters_per_epoch, cfg.data.batch_size * accum * env.world_size, cfg.schedule)
 
-    # --- checked before anything is written: crops, the run folder's checkpoints ----------------------
-    _check_crops(cfg, student.backbone)
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, meta={
-        "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
-        "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
-        "config_sha256": config_digest(cfg),
-        "config": config_to_dict(cfg),  # the reference a resume compares its config with
-    })
-    resume = cfg.checkpoint.resume if resume is None else resume
-    existing = ckpt.complete_steps()
-    carried = None
-    if existing and not resume:
-        if not cfg.checkpoint.overwrite:
-            raise CheckpointError(
-                f"{run_dir} holds checkpoints ({existing[0]} .. {existing[-1]}) and checkpoint.resume=false: a fresh "
-                "start would replace them. Choose one: resume them (checkpoint.resume=true), train in a new "
-                "run_dir, or checkpoint.overwrite=true, which renames the old run folder to "
-                f"{run_dir.name}.replaced-<time> and starts fresh (nothing is deleted). Nothing has been changed.")
-        if env.is_main:
-            lock.release()  # the lock file goes with the old folder otherwise
-            log.warning("checkpoint.overwrite=true: the previous run is now %s", move_aside(run_dir))
-            refusal = lock.acquire()
-            if refusal:
-                raise RunFolderBusy(refusal)
-        D.barrier()
-    elif resume and existing:
-        carried = plan_resume(cfg, ckpt, iters_per_epoch, env.world_size)  # refuses before anything is written
+def _start_over(cfg: TrainConfig, env: D.DistEnv, existing: list[str], lock: RunLock | None) -> None:
+    """A fresh start where checkpoints exist: refused, unless ``checkpoint.overwrite`` moves the old run
+    folder aside (nothing is deleted)."""
+    run_dir = Path(cfg.run_dir)
+    refusal = fresh_start_refusal(cfg, existing)
+    if refusal is not None:
+        raise CheckpointError(refusal)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-
-    # --- engine and resume --------------------------------------------------------------------------
-    universal = resume and ckpt.needs_universal(env.world_size, cfg.engine.zero_stage)
-    if universal:
-        ckpt.prepare_universal()
-    no_wd = {f"backbone.{n}" for n in getattr(student.backbone, "no_weight_decay", lambda: set())()}
-    engine, optimizer, ds_config = initialize_engine(cfg, student, get_param_groups(student, no_wd), device,
-                                                     env.world_size, load_universal=universal)
-    if env.is_main:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
-    state = (ckpt.load(engine, {"teacher": teacher, "dino_state": loss}, universal) if resume else None) or TrainState()
-    if carried is not None and carried.step == state.step:
-        state.schedule_shift, state.data_base = carried.schedule_shift, carried.data_base
-    end = sched.total_iters + state.schedule_shift  # the step count at the schedules' end
-    engine.train()
-    teacher.train()  # batch statistics, as DINO's teacher
-    return Run(cfg=cfg, env=env, device=device, precision=precision, engine=engine, optimizer=optimizer,
-               teacher=teacher, loss=loss, schedules=sched, data=dcfg, checkpoints=ckpt, state=state,
-               total_steps=min(end, cfg.max_steps or end), iters_per_epoch=iters_per_epoch,
-               buffers=[b for m in (teacher, engine.module, loss) for b in m.buffers()])
+        lock.release()  # the lock file goes with the old folder otherwise
+        log.warning("checkpoint.overwrite=true: the previous run is now %s", move_aside(run_dir))
+        refusal = lock.acquire()
+        if refusal:
+            raise RunFolderBusy(refusal)
+    D.barrier()
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

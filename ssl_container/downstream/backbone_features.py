@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ssl_container.progress import Progress
-from ssl_container.runtime import retain_freed_memory
+from ssl_container.utils.progress import Progress
+from ssl_container.utils.runtime import retain_freed_memory
 
 __all__ = ["FEATURE_KINDS", "FeatureSet", "amp_autocast", "dist_info", "extract_features", "forward_dim",
            "forward_features"]

@@ -325,7 +325,7 @@ def draw(pictures: Sequence[Pictures], path: str | os.PathLike, titles: Sequence
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ssl_container.files import atomic_path
+    from ssl_container.utils.files import atomic_path
 
     n_img = pictures[0].images.shape[0]
     cols_per = [1 + len(p.pca) + (min(p.attention.shape[1], max_heads) if p.attention is not None else 0) for p in pictures]

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ssl_container.progress import hms
-from ssl_container.trackers import Trackers
+from ssl_container.utils.progress import hms
+from ssl_container.trainer.trackers import Trackers
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_run"]
 

@@ -14,12 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from ssl_container.files import sha256_file
+from ssl_container.utils.files import sha256_file
 
 __all__ = ["STEP_FOLDER", "CheckpointError", "check_intact", "folder_bytes", "folder_files", "latest_step_dir", "move_aside",
-           "read_latest", "trained_config"]
+           "read_latest"]
 
 STEP_FOLDER = re.compile(r"^step_(\d{8})$")
 
@@ -90,17 +89,3 @@ def latest_step_dir(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     tag = read_latest(root) if root.is_dir() else None
     return root / tag if tag else None
-
-
-def trained_config(run_dir: str | Path) -> tuple[dict[str, Any], Path] | None:
-    """The config the run's newest checkpoint was trained with and where it was read: that checkpoint's
-    meta.json records it; the run's config.yaml stands in for checkpoints of earlier versions and for a
-    run with no checkpoint yet. None when there is neither. (config.yaml alone is no reference once
-    there are checkpoints: a launcher rewrites it at submission.)"""
-    step_dir = latest_step_dir(run_dir)
-    if step_dir is not None:
-        meta = json.loads((step_dir / "meta.json").read_text())
-        if "config" in meta:
-            return meta["config"], step_dir / "meta.json"
-    path = Path(run_dir) / "config.yaml"
-    return ((yaml.safe_load(path.read_text()) or {}), path) if path.is_file() else None
