@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	@# Without ../shared/data, the demo uses Debian's Fashion-MNIST: install it when we can.
-	@if [ ! -f ../shared/data/imagenette/dataset.json ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+	@# Without ../shared/data, the demo uses Debian's Open Clip Art drawings: install them when we can.
+	@if [ ! -f ../shared/data/imagenette/dataset.json ] && [ ! -d /usr/share/openclipart/png ] \
 	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) || true; fi
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openclipart-png) || true; fi
 	$(PY) -m ssl_container demo --overwrite
 
 test: setup system-packages
@@ -30,7 +30,7 @@ test: setup system-packages
 # What the Slurm tests (a real single-node cluster: slurmctld, slurmd, munge, slurmdbd + MariaDB) and the
 # demo's fallback data need from Debian. Installed when we are root with apt; otherwise the list of what
 # is missing is printed and those tests skip, each with its reason (pytest -rs lists them at the end).
-SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server dataset-fashion-mnist
+SYSTEM_PACKAGES := slurmctld slurmd slurm-client munge slurmdbd mariadb-server openclipart-png dataset-fashion-mnist
 system-packages:
 	@missing=""; for pkg in $(SYSTEM_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \

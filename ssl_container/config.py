@@ -413,7 +413,7 @@ def check_shards(cfg: TrainConfig) -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     unreadable = [p for p in paths if p not in missing and not os.access(p, os.R_OK)]
     if missing:
-        how = ("`ssl-container demo` makes a small shard set (Fashion-MNIST), `ssl-container shards write` packs an "
+        how = ("`ssl-container demo` makes a small shard set (Open Clip Art drawings), `ssl-container shards write` packs an "
                "image folder; point data.urls at them")
         raise ConfigError(f"data.urls: {len(missing)} of the {len(urls)} training shards are missing (first: "
                           f"{missing[0]}). {how}.")

@@ -22,7 +22,7 @@ README = REPO / "README.md"
 
 # Commands another test runs end to end (the command, then the test that runs it).
 COVERED = {
-    "make demo": "tests/test_demo.py (the demo on Imagenette and on Fashion-MNIST)",
+    "make demo": "tests/test_demo.py (the demo on Imagenette and on Open Clip Art)",
     "make test": ".ci/run (CI runs it on a clean clone)",
     "python3 -m venv .venv": "make setup (every make target creates the venv this way)",
     ". .venv/bin/activate": "make setup",

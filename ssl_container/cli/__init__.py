@@ -27,7 +27,8 @@ def demo_recipe() -> dict[str, Any]:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="dataset folder with dataset.json (default: ../shared/data/imagenette; "
-                        "'fashion-mnist': Debian's Fashion-MNIST, what a machine without ../shared gets)")
+                        "'openclipart': Debian's Open Clip Art drawings, what a machine without ../shared gets; "
+                        "'fashion-mnist': Debian's Fashion-MNIST)")
     parser.add_argument("--out", default="runs/demo", help="output folder (pretraining run, export, report)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace what an earlier demo left in --out (pretrain/, export/, pictures.png, demo.json); "
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="pretrain -> k-NN -> export on the embedded default, minutes on CPU",
-                       description="DINO pretraining of container_light_narrow on Imagenette (or Fashion-MNIST where "
+                       description="DINO pretraining of container_light_narrow on Imagenette (or Open Clip Art drawings where "
                        "../shared is absent) with configs/demo.yaml, then the teacher's k-NN top-1 next to random "
                        "init and raw pixels under the same protocol, then the export. About 9 minutes on 2 cores.")
     add_demo_arguments(p)
