@@ -63,14 +63,34 @@ def test_demo_without_shared_data_from_a_relative_out(tmp_path):
 
 
 @pytest.mark.skipif(not FASHION.is_file(), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
-def test_the_fashion_mnist_fallback_converts_to_shards(tmp_path):
-    from ssl_container.cli.demo import find_data
+def test_the_fashion_mnist_fallback_converts_to_shards(tmp_path, monkeypatch):
+    from ssl_container.cli import demo
 
-    found = find_data("fashion-mnist", tmp_path)
+    # A conversion stopped between its splits (here: the held-out split's writer fails) leaves no
+    # dataset.json behind that a later demo would take for a finished conversion.
+    def stopped(listing, out_dir, *, split, **kwargs):
+        if split == "test":
+            raise KeyboardInterrupt
+        return real(listing, out_dir, split=split, **kwargs)
+
+    real = demo.write_shards
+    monkeypatch.setattr(demo, "write_shards", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        demo.find_data("fashion-mnist", tmp_path)
+    assert not (tmp_path / "fashion_mnist").exists()
+    assert (tmp_path / "fashion_mnist.partial" / "dataset.json").is_file()  # the unfinished one, set aside
+    monkeypatch.setattr(demo, "write_shards", real)
+
+    found = demo.find_data("fashion-mnist", tmp_path)
     meta = json.loads((found["folder"] / "dataset.json").read_text())
     assert (meta["splits"]["train"]["num_samples"], meta["splits"]["test"]["num_samples"]) == (6000, 2000)
     assert meta["classes"][0] == "t-shirt" and len(meta["classes"]) == 10
-    assert not (tmp_path / "fashion_mnist_png").exists()
+    assert not (tmp_path / "fashion_mnist_png").exists() and not (tmp_path / "fashion_mnist.partial").exists()
+    # A folder of that name the demo did not finish is refused, not overwritten.
+    (found["folder"] / "dataset.json").unlink()
+    with pytest.raises(SystemExit, match="holds no dataset.json"):
+        demo.find_data("fashion-mnist", tmp_path)
+    assert (found["folder"] / "train-000000.tar").is_file()
 
 
 @pytest.mark.skipif(not (IMAGENETTE / "dataset.json").is_file(), reason="needs ../shared/data/imagenette")

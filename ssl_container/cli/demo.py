@@ -101,26 +101,49 @@ def _fashion_mnist_shards(out: Path, train_count: int = 6000, test_count: int = 
     """Fashion-MNIST (IDX files) -> PNG files + a file list -> shards with dataset.json."""
     # Absolute: the file list's entries are resolved against the list's own folder.
     out = out.resolve()
-    if (out / "dataset.json").is_file():
+    if _converted(out):
         return {"name": "fashion_mnist", "folder": out, "train": "train", "held_out": "test"}
     classes = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
     staging = out.parent / "fashion_mnist_png"
+    lines: dict[str, list[str]] = {}
     for split, prefix, count in (("train", "train", train_count), ("test", "t10k", test_count)):
         (dims, pixels), (_, labels) = (_read_idx(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz"),
                                        _read_idx(FASHION_MNIST / f"{prefix}-labels-idx1-ubyte.gz"))
         h, w = dims[1], dims[2]
-        lines = []
+        lines[split] = []
         for i in range(min(count, dims[0])):
             img = Image.frombytes("L", (w, h), pixels[i * h * w:(i + 1) * h * w]).convert("RGB")
             path = staging / split / f"{i:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             img.save(path)
-            lines.append(f"{path},{labels[i]}")
-        listing = staging / f"{split}.txt"
-        listing.write_text("\n".join(lines) + "\n")
-        write_shards(str(listing), str(out), split=split, name="fashion_mnist", classes=classes, max_count=2000)
-    shutil.rmtree(staging, ignore_errors=True)
+            lines[split].append(f"{path},{labels[i]}")
+    _pack(lines, staging, out, name="fashion_mnist", classes=classes)
     return {"name": "fashion_mnist", "folder": out, "train": "train", "held_out": "test"}
+
+
+def _converted(out: Path) -> bool:
+    """True when ``out`` holds a finished conversion; a folder there without dataset.json is not the demo's
+    (its own unfinished ones stay in ``<out>.partial``) and is refused rather than overwritten."""
+    if (out / "dataset.json").is_file():
+        return True
+    if out.exists():
+        raise SystemExit(f"ssl-container demo: {out} exists but holds no dataset.json, so it is not a shard set the "
+                         "demo converted; move it away (or pass another --out) and run again; nothing was changed")
+    return False
+
+
+def _pack(lines: dict[str, list[str]], staging: Path, out: Path, *, name: str, classes: list[str]) -> None:
+    """Staged PNGs (``path,label`` per split) -> shards in ``out``. The shards are written beside it and
+    renamed into place once every split is in: a conversion stopped half-way leaves no dataset.json that
+    the next demo would take for a finished one (it starts over instead)."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for split, entries in lines.items():
+        listing = staging / f"{split}.txt"
+        listing.write_text("\n".join(entries) + "\n")
+        write_shards(str(listing), str(partial), split=split, name=name, classes=classes, max_count=2000)
+    os.replace(partial, out)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _on_white(path: Path, side: int = CLIPART_SIDE) -> Image.Image:
@@ -138,7 +161,7 @@ def _openclipart_shards(out: Path, seed: int = 0) -> dict[str, Any]:
     dataset.json: a fixed 80 / 20 split of every category (shuffled with ``seed``)."""
     out = out.resolve()
     found = {"name": "openclipart", "folder": out, "train": "train", "held_out": "test"}
-    if (out / "dataset.json").is_file():
+    if _converted(out):
         return found
     import random
     import warnings
@@ -168,13 +191,9 @@ def _openclipart_shards(out: Path, seed: int = 0) -> dict[str, Any]:
     if skipped:
         print(f"[demo] {len(skipped)} drawing(s) skipped (unreadable or too large to decode): {'; '.join(skipped)}",
               flush=True)
-    for split, entries in lines.items():
+    for entries in lines.values():
         rng.shuffle(entries)  # shards mix the categories
-        listing = staging / f"{split}.txt"
-        listing.write_text("\n".join(entries) + "\n")
-        write_shards(str(listing), str(out), split=split, name="openclipart", classes=list(CLIPART_CLASSES),
-                     max_count=2000)
-    shutil.rmtree(staging, ignore_errors=True)
+    _pack(lines, staging, out, name="openclipart", classes=list(CLIPART_CLASSES))
     return found
 
 
