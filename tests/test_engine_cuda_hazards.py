@@ -127,10 +127,14 @@ def test_a_run_saved_with_unaligned_zero_buffers_resumes_exactly(tmp_path):
     b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "old" / "metrics.jsonl")}
     assert sorted(b) == sorted(a) == list(range(1, 13))
     assert [b[s] for s in range(7, 13)] == [a[s] for s in range(7, 13)]
-    for name in ("teacher",):
-        x = load_file(str(tmp_path / "straight" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
-        y = load_file(str(tmp_path / "old" / "checkpoints" / "step_00000012" / f"{name}.safetensors"))
-        assert all(torch.equal(x[k], y[k]) for k in x)
+    x = load_file(str(tmp_path / "straight" / "checkpoints" / "step_00000012" / "teacher.safetensors"))
+    y = load_file(str(tmp_path / "old" / "checkpoints" / "step_00000012" / "teacher.safetensors"))
+    # The first six steps ran in the other buffer layout, where a weight may come out different in its last bits
+    # (on an AMD EPYC: one bias element, 2.8e-14, with DeepSpeed 0.19.7 and 0.19.8; most likely a CPU kernel's
+    # vector/tail split falling at another offset). Two aligned runs, straight and resumed, agree bit for bit
+    # there. A lost or misplaced optimizer state would move the weights by 1e-4 or more.
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=0, atol=1e-12, msg=lambda m, k=k: f"teacher {k}: {m}")
 
 
 def test_batches_bound_for_a_gpu_are_pinned_and_cpu_batches_are_not():
