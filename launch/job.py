@@ -5,7 +5,8 @@ Each task of a job (one per GPU; ``srun`` starts them, or submitit's local execu
 1. drops rendezvous variables inherited from the submitting shell (``sbatch`` exports its whole
    environment), applies the job's own ``--env`` and exports the job's distributed environment with
    submitit's ``TorchDistributedEnvironment``: MASTER_ADDR is the first host of the node list,
-   MASTER_PORT derives from the job id (the same in every task, different for every array member),
+   MASTER_PORT derives from the job id (the same in every task, different for every array member,
+   below the kernel's ephemeral port range; a one-task job takes a free port),
    RANK / WORLD_SIZE / LOCAL_RANK from the task ids. ``ssl_container.distributed`` reads them as it
    reads torchrun's;
 2. keeps the preemption signal (USR2) for the task's main process: Slurm signals every process of a
@@ -89,6 +90,12 @@ def export_distributed_env(extra_env: dict[str, str] | None = None) -> Any:
     for key in DIST_VARS:
         os.environ.pop(key, None)
     os.environ.update({k: str(v) for k, v in (extra_env or {}).items()})  # an explicit MASTER_PORT wins
+    if "MASTER_PORT" not in os.environ:
+        from ssl_container.distributed import free_port, rendezvous_port  # torch: only in the task
+
+        job = submitit.JobEnvironment()
+        # One task agrees with nobody, so a port the kernel hands out free cannot collide.
+        os.environ["MASTER_PORT"] = str(free_port() if job.num_tasks == 1 else rendezvous_port(job.job_id))
     # CUDA_VISIBLE_DEVICES stays as Slurm set it: every task sees its node's GPUs and the trainer
     # picks cuda:LOCAL_RANK.
     return submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

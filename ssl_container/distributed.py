@@ -13,13 +13,14 @@ import re
 import signal
 import socket
 import sys
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistEnv", "resolve_env", "init_distributed", "cleanup", "expand_nodelist", "free_port",
+__all__ = ["DistEnv", "resolve_env", "init_distributed", "cleanup", "expand_nodelist", "free_port", "rendezvous_port",
            "barrier", "is_main", "maybe_sync_batchnorm", "all_reduce_min", "stop_with_launcher"]
 
 
@@ -42,6 +43,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The ports a job derives from its id lie below Linux's default ephemeral range (32768-60999). A port
+# in that range can be held at any moment by an outgoing connection on the node (another job's store
+# client, slurmd, a loader fetching shards), and rank 0's store then dies at start with EADDRINUSE;
+# submitit's own choice (20000-60000) mostly falls inside it.
+RENDEZVOUS_PORTS = (20000, 32000)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The port every task of Slurm job ``job_id`` agrees on without talking. The members of one array
+    (``<array>_<task>``, which may share a node) get consecutive ports, so they never collide."""
+    lo, hi = RENDEZVOUS_PORTS
+    base, _, task = str(job_id).partition("_")
+    offset = int(task) if task.isdigit() else 0
+    return lo + (zlib.crc32(base.encode()) + offset) % (hi - lo)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
@@ -83,14 +100,16 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
         )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         nodes = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        # SLURM_JOB_ID is unique per array member too, so members sharing a node get distinct ports.
-        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        # Named as submitit names it (an array member is <array>_<task>), so srun and submitit tasks agree.
+        job_id = env.get("SLURM_JOB_ID", "0") or "0"
+        if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+            job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=nodes[0],
-            master_port=20000 + job_id % 20000,
+            master_port=rendezvous_port(job_id),
             source="slurm",
             local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or 0) or 1,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch import submit as S
-from launch.job import EvalJob, TrainJob, export_distributed_env
+from launch.job import DIST_VARS, EvalJob, TrainJob, export_distributed_env
 from launch.options import JobOptions, LaunchError, parse_time_minutes, slurm_parameters
 from ssl_container.config import load_config
 
@@ -241,6 +242,9 @@ def test_local_eval_job_surfaces_the_module_error(tmp_path):
 
 def _slurm_task_env(monkeypatch, procid: int, job_id: str = "4242", array: tuple[str, str] | None = None) -> None:
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for k in DIST_VARS:  # recorded, so what export_distributed_env sets is undone after the test
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
     for k, v in {"SLURM_JOB_ID": job_id, "SLURM_PROCID": str(procid), "SLURM_NTASKS": "4", "SLURM_LOCALID": str(procid % 2),
                  "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": str(procid // 2)}.items():
         monkeypatch.setenv(k, v)
@@ -265,14 +269,41 @@ def test_export_distributed_env_from_slurm(monkeypatch):
         env = resolve_env()
         assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (procid, 4, procid % 2, "gpu07")
         ports.add(env.master_port)
-    assert len(ports) == 1 and 20000 <= ports.pop() <= 60000  # one rendezvous for the whole job
+    assert len(ports) == 1 and 20000 <= ports.pop() < 32000  # one rendezvous for the whole job
     # array members sharing nodes get different ports; an explicit --env MASTER_PORT wins
     _slurm_task_env(monkeypatch, 0, job_id="101", array=("100", "0"))
     p0 = export_distributed_env().master_port
     _slurm_task_env(monkeypatch, 0, job_id="102", array=("100", "1"))
     p1 = export_distributed_env().master_port
-    assert p0 != p1
+    assert p1 == p0 + 1 or (p0, p1) == (31999, 20000)
     assert export_distributed_env({"MASTER_PORT": "23456"}).master_port == 23456
+
+
+def test_rendezvous_ports_stay_out_of_the_ephemeral_range(monkeypatch):
+    """submitit's own port for array member 6_0 is 44987, inside Linux's ephemeral range (32768-60999):
+    on the CI's Slurm test an outgoing connection held it and rank 0's store died with EADDRINUSE."""
+    import random
+
+    from ssl_container.distributed import resolve_env, rendezvous_port
+
+    assert 32768 <= random.Random("6_0").randint(20000, 60000) <= 60999  # what the task used to get
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for job in ["6", "6_0", "4242", "987654321", *(f"77_{i}" for i in range(1000))]:
+        assert 20000 <= rendezvous_port(job) < min(ephemeral_low, 32000), job
+    # an array's members never collide, whatever the base
+    assert len({rendezvous_port(f"5000_{i}") for i in range(1000)}) == 1000
+    # a bare srun derives the same port as the submitit task
+    _slurm_task_env(monkeypatch, 0, job_id="8", array=("6", "0"))
+    assert resolve_env().master_port == export_distributed_env().master_port == rendezvous_port("6_0")
+    # a one-task job agrees with nobody: it takes a port the kernel reports free
+    _slurm_task_env(monkeypatch, 0, job_id="6_1")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu07")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    port = export_distributed_env().master_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
 
 
 def test_checkpoint_requeues_without_touching_the_run(tmp_path, monkeypatch):

@@ -56,8 +56,8 @@ def _ports_free(*ports: int) -> bool:
 
 
 def _pick_ports() -> tuple[int, int]:
-    """slurmctld / slurmd / slurmdbd on base..base+2, MariaDB on base+3; below the 20000-60000 range
-    submitit draws rendezvous ports from."""
+    """slurmctld / slurmd / slurmdbd on base..base+2, MariaDB on base+3; below the 20000-32000 range
+    jobs derive their rendezvous ports from (ssl_container.distributed.rendezvous_port)."""
     rng = random.Random(os.getpid())
     for _ in range(200):
         base = rng.randrange(12000, 19000)
