@@ -10,6 +10,7 @@
       utils                            (imports nothing else of the project)
     eval     eval.*                    (the library only)
     launch   launch.*                  (the library only)
+    study    study.*                   (an app over the library, eval and launch; nothing but the front imports it)
     front    ssl_container.cli.*, ssl_container.__main__   (may import everything; nothing imports them)
 
 Only trainer/engine.py and trainer/checkpoint.py import DeepSpeed; only distributed.py reads the rank variables of
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("ssl_container", "eval", "launch")
+PACKAGES = ("ssl_container", "eval", "launch", "study")
 FRONT = ("ssl_container.cli", "ssl_container.__main__")
 RANK_VARIABLES = re.compile(r"^(SLURM_\w+|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT)$")
 
@@ -88,10 +89,14 @@ def _breaches(rule) -> list[str]:
 
 def _layer_rule(module: str, target: str) -> str | None:
     src, dst = _layer(module), _layer(target)
-    if dst not in ("ssl_container", "eval", "launch", "front"):
+    if dst not in ("ssl_container", "eval", "launch", "study", "front"):
         return None  # third-party or standard library
     if dst == "front" and src != "front":
         return "nothing below the front ends imports them"
+    if dst == "study" and src not in ("study", "front"):
+        return "only the front end imports the study app"
+    if src == "study":
+        return None  # the study app builds on the library, eval and launch
     if src == "ssl_container" and dst in ("eval", "launch"):
         return "the library never imports eval or launch"
     if src in ("eval", "launch") and dst not in ("ssl_container", src):
@@ -172,6 +177,9 @@ def test_the_rules_catch_a_breach():
     assert _deepspeed_rule("ssl_container.train", "deepspeed.ops")
     assert _package_rule("ssl_container.utils.files", "ssl_container.config")
     assert not _layer_rule("ssl_container.cli.demo", "eval.protocol")
+    assert _layer_rule("eval.knn", "study.runner")
+    assert _layer_rule("ssl_container.train", "study.plan")
+    assert not _layer_rule("study.runner", "launch.submit")
 
 
 def test_no_module_imports_another_modules_private_names():

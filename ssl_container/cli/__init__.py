@@ -170,6 +170,13 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     return launch_main(args.launch_args)
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    # The study app parses its own arguments (also `python -m study`); it builds on eval/ and launch/.
+    from study.cli import main as study_main
+
+    return study_main(args.study_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-container",
@@ -255,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_cmd_shards_verify)
 
     # --- launch (Slurm / local jobs through submitit; options parsed by launch/submit.py) --------
+    p = sub.add_parser("study", help="pretrain several backbones under one recipe and compare them (study.md/json/png)",
+                       add_help=False, prefix_chars="\x00")  # every argument goes to study.cli
+    p.add_argument("study_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_study)
+
     p = sub.add_parser("launch", help="submit training, sweeps or evaluations to Slurm (submitit); --local, --dry-run",
                        add_help=False, prefix_chars="\x00")  # every argument goes to launch.submit
     p.add_argument("launch_args", nargs=argparse.REMAINDER)
