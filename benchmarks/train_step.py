@@ -120,6 +120,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
                         extra)
             if args.profile:
                 row.update(_profile(lambda: dino_step(run, batches), device))
+                row.update(_split_ops(cfg, device, run.precision, row))
             if device.type == "cuda":
                 row.update(_utilisation(cfg, device, run.precision, row["step_s"]))
             return row
@@ -183,6 +184,47 @@ def _profile(step, device, steps: int = 3) -> dict:
             "kernels_per_step": round(len(kernels) / steps), "syncs_per_step": round(len(syncs) / steps, 1),
             "copies_to_host_per_step": round(len(copies_to_host) / steps, 1),
             "aten_ops_per_step": round(len(ops) / steps)}
+
+
+def _split_ops(cfg, device, precision: str, row: dict) -> dict:
+    """The step's aten calls split into the network's own (the teacher's forward on the global crops,
+    the student's forward and backward on all crops, heads included: the trainer's models, built as
+    it builds them, run on their own without DeepSpeed) and the rest (loss, centre, clipping,
+    optimizer, EMA, DeepSpeed's buffers, logging). ``host_ms_per_step``: the median step time in ms;
+    at the tiny size of the issue's command the arithmetic is negligible, so it is the host's work."""
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ssl_container.trainer.engine import autocast_context
+    from ssl_container.trainer.run import build_models
+
+    student, teacher = build_models(cfg, device, precision)
+    student.train()
+    teacher.train()
+    crops = _crops(cfg.data.batch_size, cfg.data.crops.n_global, cfg.data.crops.global_size, cfg.data.crops.n_local,
+                   cfg.data.crops.local_size, device)
+    if cfg.model.channels_last:
+        crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+
+    def network() -> None:
+        with torch.no_grad(), autocast_context(precision, device):
+            teacher(crops[:cfg.data.crops.n_global])
+        with autocast_context(precision, device):
+            out = student(crops, return_features=cfg.dino.koleo_weight > 0)
+        out = out[1] if isinstance(out, tuple) else out
+        out.float().sum().backward()
+
+    network()  # first call: lazy initialisation, compilation
+    steps = 3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            network()
+    ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
+    net = round(len(ops) / steps)
+    return {"aten_ops_network": net, "aten_ops_rest": row["aten_ops_per_step"] - net,
+            "host_ms_per_step": round(1000 * statistics.median(row["step_s"]), 1)}
 
 
 def _union_us(ranges: list[tuple[float, float]]) -> float:

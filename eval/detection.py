@@ -406,12 +406,29 @@ def _weights_info(path: str | None) -> dict[str, Any] | None:
     return info
 
 
+def random_architecture(model: str | None, pretrained: Sequence[Any]) -> tuple[str, dict[str, Any]]:
+    """``random`` init is the architecture of the pretrained weights it is compared with (the first
+    given), so that only the initialisation differs; ``--model`` names it when no weights are given."""
+    if model is not None:
+        return model, {}
+    if pretrained:
+        return pretrained[0].model_name, dict(pretrained[0].model_kwargs)
+    return "container_light", {}
+
+
+def _backbone_info(model: nn.Module) -> dict[str, Any]:
+    body = model.backbone.body
+    return {"class": type(body).__name__, "params": sum(p.numel() for p in body.parameters()),
+            "widths": [i["num_chs"] for i in body.feature_info]}
+
+
 def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     inits = parse_inits(args.init, args.weights)
     from ssl_container.export import read_checkpoint
 
-    for path in dict.fromkeys(p for p in inits.values() if p is not None):
-        read_checkpoint(path, args.which)  # verified before the first (maybe long) fine-tuning, not after it
+    checked = {path: read_checkpoint(path, args.which)  # verified before the first (maybe long) fine-tuning
+               for path in dict.fromkeys(p for p in inits.values() if p is not None)}
+    random_arch = random_architecture(args.model, list(checked.values()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
@@ -429,11 +446,16 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         "runs": {},
     }
     for name, weights in inits.items():
-        log(f"== {name}: {args.arch}, backbone {'random init' if weights is None else weights}")
+        log(f"== {name}: {args.arch}, backbone {f'{random_arch[0]} at random init' if weights is None else weights}")
         torch.manual_seed(args.seed)
         random.seed(args.seed)
+        body = weights
+        if weights is None:  # the same architecture as the pretrained weights it is compared with
+            from ssl_container.models import create_model
+
+            body = create_model(random_arch[0], num_classes=0, **random_arch[1])
         model = build_detector(
-            args.arch, train_set.num_classes, weights, which=args.which, min_size=args.min_size,
+            args.arch, train_set.num_classes, body, which=args.which, min_size=args.min_size,
             max_size=args.max_size, freeze_at=args.freeze_at, norm=args.norm, drop_path_rate=args.drop_path,
             **_detector_kwargs(args),
         )
@@ -450,7 +472,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         png = save_predictions_png(val_set, detections, out / f"predictions_{name}.png", num_images=args.vis_images,
                                    score_thresh=args.score_thresh, title=f"{args.arch}, {name} init: AP {metrics['AP']}")
         results["runs"][name] = {
-            "weights": _weights_info(weights), "metrics": metrics, "train": history, "eval_seconds": eval_s,
+            "weights": _weights_info(weights), "backbone": _backbone_info(model), "metrics": metrics, "train": history, "eval_seconds": eval_s,
             "detections": len(detections), "coco_summary": summary,
             "files": {"detections": f"detections_{name}.json", "png": png.name},
         }
@@ -498,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("teacher", "student"), default=None, help="for run/step folders (default teacher)")
     p.add_argument("--init", nargs="+", default=["random"], help="random | dino | NAME=PATH, several to compare")
     p.add_argument("--arch", choices=ARCHS, default="fasterrcnn")
+    p.add_argument("--model", default=None,
+                   help="architecture of the random init (default: that of the pretrained weights compared with it, "
+                        "else container_light)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (tests)")
     p.add_argument("--batch-size", type=int, default=2)

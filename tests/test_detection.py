@@ -191,3 +191,8 @@ def test_eval_detection_command_compares_initialisations(tmp_path):
         assert isinstance(json.loads((out / f"detections_{name}.json").read_text()), list)
     assert results["runs"]["dino"]["weights"]["sha256"]
     assert results["runs"]["random"]["weights"] is None
+    # Random init is the same (tiny) architecture as the weights: only the initialisation differs.
+    tiny = sum(p.numel() for p in container_light(num_classes=0, **TINY).parameters())
+    dino, rand = results["runs"]["dino"]["backbone"], results["runs"]["random"]["backbone"]
+    assert dino == rand and dino["widths"] == TINY["embed_dims"]
+    assert 0 < dino["params"] < tiny  # the detection body: final norm pruned

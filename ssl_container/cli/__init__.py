@@ -41,10 +41,33 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-all", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old commands
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    from ssl_container.models.info import describe_models
+# `ssl-container models` at the default sizes prints this stored table (measured by
+# ssl_container.models.info.describe_models; tests/test_cli_models.py keeps the two equal), so the
+# answer comes without the 5-7 s of importing torch and tracing four networks.
+MODELS_TABLE = Path(__file__).with_name("models_table.json")
 
-    describe_models(sizes=args.sizes, as_json=args.json)
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    import json
+
+    stored = json.loads(MODELS_TABLE.read_text())
+    if list(args.sizes) == stored["sizes"]:
+        rows = stored["rows"]
+    else:
+        from ssl_container.models.info import describe_models
+
+        rows = describe_models(args.sizes)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'model':<24}{'params':>14}" + "".join(f"{'GMACs@' + str(s):>12}" for s in args.sizes))
+    for r in rows:
+        print(f"{r['model']:<24}{r['params']:>14,}" + "".join(f"{r['gmacs'][str(s)]:>12.3f}" for s in args.sizes))
+    pam = [r for r in rows if r.get("params_by_size")]
+    if pam:
+        print("container_pam's token-MLP is sized to the input: parameters above are at the first size; "
+              + ", ".join(f"{s}: {n:,}" for s, n in pam[0]["params_by_size"].items()))
+    print("container_light_narrow is this project's quarter-width Container-Light (the demo's), not the paper's")
     return 0
 
 

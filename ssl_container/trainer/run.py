@@ -185,7 +185,7 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
     if device.type == "cpu" and cfg.engine.cpu_retain_memory:
         retain_freed_memory()
 
-    student, teacher = _build_models(cfg, device, precision)
+    student, teacher = build_models(cfg, device, precision)
     crops = cfg.data.crops
     loss = DINOLoss.from_config(cfg.dino, cfg.head.out_dim, crops.n_global + crops.n_local, crops.n_global).to(device)
 
@@ -241,7 +241,7 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
                buffers=[b for m in (teacher, engine.module, loss) for b in m.buffers()])
 
 
-def _build_models(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[MultiCropWrapper, nn.Module]:
+def build_models(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[MultiCropWrapper, nn.Module]:
     """Student and teacher with identical initial weights on every rank; distribution (SyncBatchNorm)
     and speed (CPU kernels, regional compile) applied from outside the models."""
     torch.manual_seed(cfg.seed)
