@@ -150,6 +150,9 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
     (brace patterns, lists), or an ImageFolder tree (``split`` sub-folder if it exists)."""
     from ssl_container.data.sources import count_samples_from_metadata, expand_urls
 
+    if isinstance(spec, (str, os.PathLike)) and not os.path.isdir(spec) and not _looks_like_shards(os.fspath(spec)):
+        raise FileNotFoundError(f"{spec}: no such dataset folder (a folder with dataset.json, an ImageFolder tree) "
+                                "or shard pattern: check the path (make demo converts a dataset when ../shared is absent)")
     if isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec):
         root = Path(spec)
         meta_path = root / "dataset.json"
@@ -157,7 +160,7 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
             meta = json.loads(meta_path.read_text())
             splits = meta.get("splits", {})
             if split is None or split not in splits:
-                raise ValueError(f"{root}: choose a split from {sorted(splits)} (got {split!r})")
+                raise ValueError(f"{root}: it has no split {split!r}; its dataset.json lists {sorted(splits)}")
             urls = [str(root / u) for u in expand_urls(splits[split]["shards"])]
             return DataSource(f"{meta.get('name', root.name)}/{split}", urls=urls,
                               num_samples=int(splits[split].get("num_samples", 0)) or None,
@@ -168,6 +171,10 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
         classes, _ = find_classes(str(folder))
         return DataSource(f"{root.name}/{folder.name}", folder=str(folder), classes=classes)
     urls = expand_urls(spec)
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}: check the "
+                                "pattern against the folder (its dataset.json lists the set's own)")
     src = DataSource(os.path.basename(os.path.dirname(os.path.abspath(urls[0]))) + f"/{split or 'split'}", urls=urls,
                      num_samples=count_samples_from_metadata(urls))
     meta_path = Path(urls[0]).parent / "dataset.json"
@@ -175,6 +182,26 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
         meta = json.loads(meta_path.read_text())
         src.classes, src.shard_sha256 = meta.get("classes"), meta.get("sha256")
     return src
+
+
+def _looks_like_shards(text: str) -> bool:
+    return any(t in text for t in (".tar", "::", "pipe:", "://", "{"))
+
+
+def held_out_split(data: str | os.PathLike) -> str:
+    """The held-out split of a dataset folder, one rule for every eval command: ``val`` where the
+    set has one, else ``test``, else its only split besides ``train``."""
+    meta_path = Path(data) / "dataset.json"
+    if not meta_path.is_file():
+        return "val"
+    splits = sorted(json.loads(meta_path.read_text()).get("splits", {}))
+    for name in ("val", "test"):
+        if name in splits:
+            return name
+    others = [s for s in splits if s != "train"]
+    if len(others) == 1:
+        return others[0]
+    raise ValueError(f"{data}: no held-out split to default to among {splits}: name one (--val-split)")
 
 
 class _FolderDataset(torch.utils.data.Dataset):
@@ -315,6 +342,9 @@ def get_features(model: nn.Module, source: DataSource, transform=None, kinds: st
                                total=source.num_samples)
         secs = time.perf_counter() - t0
         for k, fs in (new or {}).items():
+            if len(fs) == 0:  # never cached: a later run would take an empty entry as a hit
+                raise ValueError(f"{source.name}: no readable sample in {len(source.urls or [])} shard(s)"
+                                 f"{'' if source.urls else ' of ' + str(source.folder)}: nothing to evaluate")
             fs.meta.update({"data": source.name, "weights_digest": digest, "transform": _transform_dict(transform),
                             "expected_samples": source.num_samples, "seconds": round(secs, 2)})
             if source.num_samples is not None and len(fs) != source.num_samples:
@@ -494,13 +524,19 @@ def split_source(args: argparse.Namespace, split: str) -> DataSource | None:
         return resolve_data(folder, None)
     if args.data:
         if name is None and split == "val":
-            meta = json.loads((Path(args.data) / "dataset.json").read_text()) \
-                if (Path(args.data) / "dataset.json").is_file() else {"splits": {}}
-            name = "val" if "val" in meta["splits"] else "test"
+            name = held_out_split(args.data)
         if name is None:
             name = split
         return resolve_data(args.data, name)
     return None
+
+
+def check_sources(args: argparse.Namespace, splits: Sequence[str] = ("train", "val")) -> None:
+    """Every split the command will read, resolved before any work: a missing folder or shard, or a
+    split the set does not have, is refused (FileNotFoundError / ValueError) before the first feature."""
+    for split in splits:
+        if getattr(args, f"{split}_features", None) is None:
+            split_source(args, split)
 
 
 def features_from_args(args: argparse.Namespace, ctx: EvalContext, split: str, kinds: str | Sequence[str] = "pooled",

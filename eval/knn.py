@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 import time
 from dataclasses import dataclass, field
@@ -424,6 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        eval_features.check_sources(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"python -m eval.knn: {err}", file=sys.stderr)
+        return 2
     ctx = eval_features.setup_from_args(args)
     try:
         if args.store_shard_rows:

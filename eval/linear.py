@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 import math
 import time
@@ -455,6 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        eval_features.check_sources(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"python -m eval.linear: {err}", file=sys.stderr)
+        return 2
     ctx = eval_features.setup_from_args(args)
     try:
         if args.mode == "grid":

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", help="an export folder, a run folder or a step folder")
     p.add_argument("--data", required=True, help="dataset folder with dataset.json")
     p.add_argument("--reference-split", default="train")
-    p.add_argument("--held-out-split", default="val")
+    p.add_argument("--held-out-split", default=None, help="default: the set's held-out split (val, else test)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init floor")
     return p
@@ -124,7 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ssl_container.export import load_backbone, read_checkpoint
     from ssl_container.models import create_model
 
+    from eval.features import held_out_split
+
     args = build_parser().parse_args(argv)
+    try:
+        args.held_out_split = args.held_out_split or held_out_split(args.data)
+        for split in (args.reference_split, args.held_out_split):
+            resolve_data(args.data, split)  # a missing set or split is refused before any work
+    except (FileNotFoundError, ValueError) as err:
+        print(f"python -m eval.protocol: {err}", file=sys.stderr)
+        return 2
     ckpt = read_checkpoint(args.weights)
     model = load_backbone(args.weights)
     torch.manual_seed(args.seed)

@@ -1,0 +1,66 @@
+"""Evaluation commands refuse data they cannot use in one line before any work, and never cache an
+empty extraction: a missing --data path, a missing shard, a split the set does not have."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shard_fixtures import write_synthetic_shards, write_tar
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _eval(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def train_test_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets") / "tt"
+    write_synthetic_shards(root, n_shards=1, per_shard=6, split="train")
+    write_synthetic_shards(root, n_shards=1, per_shard=6, split="test", seed=1)
+    return root
+
+
+@pytest.mark.parametrize("module", ["eval.knn", "eval.linear"])
+def test_a_missing_data_path_is_refused_in_one_line_and_nothing_is_cached(tmp_path, module):
+    cache = tmp_path / "cache"
+    proc = _eval(module, "--data", str(tmp_path / "no_such_set"), "--model", "container_light_narrow",
+                 "--cache-dir", str(cache), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no such dataset folder" in proc.stderr
+    assert not cache.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_split_the_set_lacks_is_refused_before_any_extraction(tmp_path, train_test_set):
+    cache = tmp_path / "cache"
+    proc = _eval("eval.knn", "--data", str(train_test_set), "--val-split", "val", "--model", "container_light_narrow",
+                 "--cache-dir", str(cache), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "no split 'val'; its dataset.json lists ['test', 'train']" in proc.stderr
+    assert not cache.exists()  # the train split was not extracted first
+
+
+def test_one_held_out_rule_for_every_eval_command(train_test_set, tmp_path):
+    from eval.features import held_out_split
+
+    assert held_out_split(train_test_set) == "test"
+    write_synthetic_shards(tmp_path / "tv", n_shards=1, per_shard=4, split="train")
+    write_synthetic_shards(tmp_path / "tv", n_shards=1, per_shard=4, split="val")
+    assert held_out_split(tmp_path / "tv") == "val"
+    missing = _eval("eval.protocol", str(tmp_path / "none"), "--data", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "no such dataset folder" in missing.stderr
+
+
+def test_missing_shards_and_empty_extractions(tmp_path):
+    from eval.features import get_features, resolve_data
+
+    with pytest.raises(FileNotFoundError, match="1 of 2 shards do not exist"):
+        write_synthetic_shards(tmp_path / "a", n_shards=1, per_shard=2)
+        resolve_data(str(tmp_path / "a" / "train-{000000..000001}.tar"))
+    write_tar(tmp_path / "empty-000000.tar", [("k0", {"txt": b"not an image"})])
+    src = resolve_data(str(tmp_path / "empty-000000.tar"), "train")
+    with pytest.raises(ValueError, match="no readable sample"):
+        get_features(torch.nn.Flatten(), src, cache_dir=tmp_path / "cache")
+    assert not any((tmp_path / "cache").rglob("meta.json"))
