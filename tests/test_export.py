@@ -386,7 +386,10 @@ def test_a_damaged_checkpoint_is_refused_by_every_reader_and_a_run_folder_falls_
     assert json.loads((out / "meta.json").read_text())["step"] == 10
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # the readers wrote nothing
 
-    # An export damaged after it was written: timm's loading and load_backbone refuse it too.
+    # An export damaged after it was written: timm's loading (local-dir: too) and load_backbone refuse it.
+    _flip(out / "model.safetensors")
+    with pytest.raises(RuntimeError, match="does not match the sha256 recorded"):
+        timm.create_model(f"local-dir:{out}", pretrained=True, num_classes=0)
     _flip(out / "backbone.safetensors")
     with pytest.raises(RuntimeError, match="does not match the sha256 recorded"):
         timm.create_model("container_light", pretrained=True, num_classes=0,

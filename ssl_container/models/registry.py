@@ -90,6 +90,17 @@ def _build(variant: str, pretrained: bool = False, **kwargs: Any) -> Container:
     overlay = args.get("pretrained_cfg_overlay") or {}
     if pretrained and isinstance(overlay, dict) and overlay.get("file"):
         _check_recorded_digest(overlay["file"])
+    cfg = args.get("pretrained_cfg") or {}
+    cfg = cfg if isinstance(cfg, dict) else getattr(cfg, "__dict__", {})
+    if pretrained and cfg.get("source") == "local-dir" and cfg.get("file"):
+        # timm.create_model("local-dir:EXPORT", pretrained=True): the README's fine-tuning path. timm reads
+        # model.safetensors (else pytorch_model.bin) from the folder; check it before timm loads it.
+        from pathlib import Path
+
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (Path(cfg["file"]) / name).is_file():
+                _check_recorded_digest(str(Path(cfg["file"]) / name))
+                break
     try:
         from timm.models import build_model_with_cfg
     except ImportError:  # timm is a dependency, but keep the models usable without it

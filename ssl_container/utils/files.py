@@ -52,6 +52,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets what open() would give it
     try:
         yield tmp
+        # Again after the writer: some recreate the file (safetensors' save_file makes it 0600), and a
+        # colleague's eval or export on a shared cluster must be able to read what the run wrote.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
