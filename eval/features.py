@@ -131,9 +131,9 @@ class DataSource:
             for u in self.urls:
                 base = os.path.basename(u)
                 digest = (self.shard_sha256 or {}).get(base)
-                if digest is None and os.path.isfile(u):
+                if os.path.isfile(u):  # what is on disk too: a set rewritten under an old dataset.json
                     st = os.stat(u)
-                    digest = f"size={st.st_size},mtime={int(st.st_mtime)}"
+                    digest = f"{digest},size={st.st_size},mtime={st.st_mtime_ns}"
                 items.append([os.path.abspath(u) if os.path.exists(u) else u, digest])
             return {"kind": "webdataset", "shards": items}
         assert self.folder is not None
@@ -161,6 +161,8 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
             splits = meta.get("splits", {})
             if split is None or split not in splits:
                 raise ValueError(f"{root}: it has no split {split!r}; its dataset.json lists {sorted(splits)}")
+            if splits[split].get("incomplete"):
+                raise ValueError(f"{meta_path}: split '{split}' is incomplete: {splits[split]['incomplete']}")
             urls = [str(root / u) for u in expand_urls(splits[split]["shards"])]
             return DataSource(f"{meta.get('name', root.name)}/{split}", urls=urls,
                               num_samples=int(splits[split].get("num_samples", 0)) or None,
@@ -175,6 +177,10 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}: check the "
                                 "pattern against the folder (its dataset.json lists the set's own)")
+    from ssl_container.data.sources import incomplete_problem
+
+    if incomplete_problem(urls):
+        raise ValueError(incomplete_problem(urls))
     src = DataSource(os.path.basename(os.path.dirname(os.path.abspath(urls[0]))) + f"/{split or 'split'}", urls=urls,
                      num_samples=count_samples_from_metadata(urls))
     meta_path = Path(urls[0]).parent / "dataset.json"

@@ -184,3 +184,93 @@ def test_unreadable_sources_are_skipped_by_path_or_refused_with_strict(image_fol
     assert err.count("\n") == 1 and ("x.jpg: empty file" in err or "fake.jpg: not an image" in err)
     assert "--strict" in err and "nothing was written" in err
     assert not strict_out.exists() or not any(strict_out.iterdir())
+
+
+def _samples(out):
+    """{key: image bytes} of every shard of the train split dataset.json lists."""
+    meta = json.loads((out / "dataset.json").read_text())
+    found = {}
+    for url in expand_urls(str(out / meta["splits"]["train"]["shards"])):
+        with tarfile.open(url) as tf:
+            for m in tf:
+                if m.name.endswith((".jpg", ".jpeg", ".JPEG", ".png")):
+                    found[m.name.rsplit(".", 1)[0]] = tf.extractfile(m).read()
+    return found
+
+
+def test_reshuffling_a_set_into_its_own_folder_keeps_every_image(image_folder, tmp_path, capsys):
+    """`shards write DIR/train-{...}.tar DIR --seed 1` re-shuffles a set in place: it used to overwrite the
+    shards it was reading (156 of 400 images lost, garbage recorded as skipped sources, exit 0)."""
+    out = tmp_path / "set"
+    assert main(["shards", "write", str(image_folder), str(out), "--max-count", "5"]) == 0
+    before = _samples(out)
+    pattern = str(out / json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"])
+    capsys.readouterr()
+    assert main(["shards", "write", pattern, str(out), "--max-count", "4", "--seed", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 0
+    after = _samples(out)
+    assert sorted(after.values()) == sorted(before.values())  # the same 23 images, none lost or damaged
+    assert verify_shards(str(out)).ok
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no staging or temporary file left
+
+
+def test_an_interrupted_rewrite_leaves_the_old_set_or_a_refusal(image_folder, tmp_path, monkeypatch):
+    """A rewrite stopped while writing leaves the old set untouched and valid; one stopped while swapping
+    marks the split incomplete, which training and eval refuse in one line until the command is rerun."""
+    from eval.features import resolve_data
+    from ssl_container.config import ConfigError, check_shards, load_config
+    from ssl_container.data import shards as shards_mod
+
+    out = tmp_path / "set"
+    write_shards(str(image_folder), str(out), max_count=5, seed=0)
+    before = {p: p.read_bytes() for p in out.iterdir()}
+
+    calls = {"n": 0}
+    real_write = shards_mod._write_tar
+
+    def stop_on_third(path, samples):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as SIGINT would
+        return real_write(path, samples)
+
+    monkeypatch.setattr(shards_mod, "_write_tar", stop_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(str(image_folder), str(out), max_count=5, seed=1)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
+    assert verify_shards(str(out)).ok
+
+    real_replace = os.replace
+    moved = {"n": 0}
+
+    def stop_mid_swap(src, dst):
+        if str(src).endswith(".tar") and ".staging" in str(src):
+            moved["n"] += 1
+            if moved["n"] == 2:
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(shards_mod.os, "replace", stop_mid_swap)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(str(image_folder), str(out), max_count=5, seed=1)
+    monkeypatch.undo()
+    urls = json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"]
+    cfg = load_config(None, [f"data.urls=[{out / urls}]"])
+    with pytest.raises(ConfigError, match="split 'train' is incomplete.*run the same command again"):
+        check_shards(cfg)
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_data(str(out), "train")
+    write_shards(str(image_folder), str(out), max_count=5, seed=1)  # the rerun finishes it
+    check_shards(cfg)
+    assert verify_shards(str(out)).ok and len(_samples(out)) == 23
+
+
+def test_a_truncated_jpeg_is_skipped_when_writing(image_folder, tmp_path):
+    jpeg = next((image_folder / "apple").glob("*.JPEG")).read_bytes()
+    (image_folder / "banana" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    out = tmp_path / "set"
+    entry = write_shards(str(image_folder), str(out), max_count=50)
+    assert [os.path.basename(s["source"]) for s in entry["skipped"]] == ["cut.jpg"]
+    assert "truncated" in entry["skipped"][0]["problem"]
+    assert verify_shards(str(out)).ok

@@ -64,3 +64,16 @@ def test_missing_shards_and_empty_extractions(tmp_path):
     with pytest.raises(ValueError, match="no readable sample"):
         get_features(torch.nn.Flatten(), src, cache_dir=tmp_path / "cache")
     assert not any((tmp_path / "cache").rglob("meta.json"))
+
+
+def test_the_feature_cache_keys_on_the_shards_on_disk(tmp_path):
+    """A shard rewritten under an old dataset.json (same names, same recorded digests) is not a cache hit."""
+    from eval.features import cache_key, resolve_data
+
+    root = tmp_path / "set"
+    write_synthetic_shards(root, n_shards=1, per_shard=4, split="train", seed=0)
+    before = cache_key("w", resolve_data(str(root), "train"), None, "pooled")
+    meta = (root / "dataset.json").read_text()
+    write_synthetic_shards(root, n_shards=1, per_shard=5, split="train", seed=3, dataset_json=False)
+    assert (root / "dataset.json").read_text() == meta
+    assert cache_key("w", resolve_data(str(root), "train"), None, "pooled") != before

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from ssl_container.data.augment import BadImageError, decode_rgb
 from ssl_container.utils.files import atomic_path, atomic_write_json, sha256_file
 from ssl_container.utils.progress import Progress
 from ssl_container.data.sources import (
+    INCOMPLETE,
     BadDataCounter,
     expand_urls,
     find_dataset_json,
@@ -211,8 +213,8 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _image_problem(sample: dict[str, bytes]) -> str | None:
-    """Why the sample's image cannot be read (None when PIL identifies it and its structure checks out).
-    Header and structure only: a full decode of every image would make writing as slow as a training epoch."""
+    """Why the sample's image cannot be read (None when PIL decodes it whole). A full decode: a truncated
+    JPEG passes PIL's header check and would only fail in the loader, one sample at a time."""
     from PIL import Image, UnidentifiedImageError
 
     ext = image_ext(sample)
@@ -223,7 +225,8 @@ def _image_problem(sample: dict[str, bytes]) -> str | None:
         return "empty file"
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.verify()
+            im.draft("RGB", (64, 64))  # JPEG: decode at a reduced scale; every byte of the stream is still read
+            im.load()
     except UnidentifiedImageError:
         return "not an image PIL can identify"
     except Exception as err:  # PIL raises a variety of errors for damaged files
@@ -275,6 +278,11 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     for leftover in os.listdir(out_dir):  # temporary files of an interrupted earlier run (only ours match)
         if re.fullmatch(rf"\.(?:{re.escape(split)}-\d{{6}}\.tar|dataset\.json)\..+\.tmp", leftover):
             os.unlink(os.path.join(out_dir, leftover))
+    # The new shards are written beside, in a staging folder, and swapped in only once all are complete:
+    # the old set (possibly the very shards being re-shuffled) stays untouched and readable until then.
+    staging = os.path.join(out_dir, f".{split}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     name = name or os.path.basename(os.path.abspath(out_dir))
     order = np.random.default_rng(seed).permutation(len(items))
     width = max(6, len(str(len(items) - 1)))
@@ -315,7 +323,7 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     with Progress(len(plan), f"shards {split}", "shard") as bar:
         for i, indices in enumerate(plan):
             fname = f"{split}-{i:06d}.tar"
-            n, digest = _write_tar(os.path.join(out_dir, fname), samples(indices, first))
+            n, digest = _write_tar(os.path.join(staging, fname), samples(indices, first))
             shard_names.append(fname)
             shard_samples.append(n)
             digests[fname] = digest
@@ -343,12 +351,29 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     sha = {k: v for k, v in meta.get("sha256", {}).items() if k not in stale}
     sha.update(digests)
     meta["sha256"] = dict(sorted(sha.items()))
-    atomic_write_json(meta_path, meta)
+    _swap_in(out_dir, staging, split, shard_names, stale, meta)
+    return entry
+
+
+def _swap_in(out_dir: str, staging: str, split: str, names: list[str], stale: set[str], meta: dict) -> None:
+    """Replace a split's shards with the complete new set in ``staging``, all or nothing for readers:
+    while files move, dataset.json marks the split incomplete (readers refuse it, naming the fix); the
+    new dataset.json, written last, clears the mark."""
+    meta_path = os.path.join(out_dir, "dataset.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            current = json.load(f)
+        if split in current.get("splits", {}):
+            current["splits"][split]["incomplete"] = INCOMPLETE
+            atomic_write_json(meta_path, current)
+    for fname in names:
+        os.replace(os.path.join(staging, fname), os.path.join(out_dir, fname))
     for fname in stale:  # shards of an earlier, larger run of this split
         path = os.path.join(out_dir, fname)
         if os.path.exists(path):
             os.unlink(path)
-    return entry
+    atomic_write_json(meta_path, meta)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------

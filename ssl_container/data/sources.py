@@ -237,6 +237,29 @@ def parse_label(sample: dict) -> int:
 # dataset.json
 
 
+# What dataset.json says of a split while ``shards write`` swaps a new set in (see shards._swap_in).
+INCOMPLETE = ("a `shards write` replacing this split was stopped while it swapped the new shards in; run the same "
+              "command again to finish it (the old set is gone, the new one is not complete)")
+
+
+def incomplete_problem(urls: Sequence[str]) -> str | None:
+    """Why these shards must not be read (a split of theirs is marked incomplete), else None."""
+    meta_path = find_dataset_json(urls)
+    if meta_path is None:
+        return None
+    try:
+        with open(meta_path) as f:
+            splits = json.load(f).get("splits", {})
+    except (OSError, ValueError):
+        return None
+    wanted = {os.path.basename(local_path(u) or u) for u in urls}
+    for name, entry in splits.items():
+        if isinstance(entry, dict) and entry.get("incomplete") and \
+                wanted & {os.path.basename(u) for u in expand_urls(entry["shards"])}:
+            return f"{meta_path}: split '{name}' is incomplete: {entry['incomplete']}"
+    return None
+
+
 def find_dataset_json(urls: Sequence[str]) -> str | None:
     """The dataset.json beside the (local) shards, if any."""
     path = local_path(urls[0]) if urls else None
