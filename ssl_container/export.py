@@ -104,14 +104,28 @@ class Checkpoint:
 # reading
 
 
-def read_checkpoint(path: str | os.PathLike, which: str | None = None) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike, which: str | None = None, *, allow_nonfinite: bool = False) -> Checkpoint:
     """Read backbone (and DINO head) weights from anything in :data:`ACCEPTED`.
 
     ``which`` picks ``"teacher"`` or ``"student"`` where the source holds both (default teacher);
     where the source records that it holds the other one (an export, a step's student.safetensors)
     it is an error; for a plain single-model file it is ignored.
-    Backbone keys come back in this project's names with any classifier removed.
+    Backbone keys come back in this project's names with any classifier removed. Weights holding NaN
+    or infinity (a diverged run) are refused unless ``allow_nonfinite``: a k-NN of a NaN network is a
+    meaningless number and an export of one a trap for whoever fine-tunes it.
     """
+    ckpt = _read_checkpoint(path, which)
+    if not allow_nonfinite:
+        bad = sum(int((~torch.isfinite(v)).sum()) for v in ckpt.backbone.values() if v.is_floating_point())
+        if bad:
+            total = sum(v.numel() for v in ckpt.backbone.values() if v.is_floating_point())
+            raise CheckpointRefused(
+                f"{path}: {bad:,} of {total:,} backbone weights are NaN or infinite (the run diverged): use an "
+                "earlier checkpoint (a step folder under checkpoints/), or pass --allow-nonfinite to read it anyway")
+    return ckpt
+
+
+def _read_checkpoint(path: str | os.PathLike, which: str | None) -> Checkpoint:
     if which is not None and which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     p = Path(path).expanduser()
@@ -639,6 +653,7 @@ def export(
     model_kwargs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     onnx: bool = False,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Write ``out_dir/backbone.safetensors`` (fp32), ``meta.json`` and optionally ``dino_head.safetensors``
     and ``model.onnx`` (``onnx=True``: the backbone with dynamic batch, height and width).
@@ -648,7 +663,7 @@ def export(
     are checked by building the architecture and loading them strictly before anything is written.
     Returns ``out_dir``.
     """
-    ckpt = read_checkpoint(source, which)
+    ckpt = read_checkpoint(source, which, allow_nonfinite=allow_nonfinite)
     if include_head and not ckpt.head:
         raise CheckpointRefused(f"{source}: has no DINO head weights (head.*) to export")
     model = _build_and_load(ckpt, model_name, model_kwargs or {})

@@ -115,7 +115,9 @@ def test_yaml_words_stay_words_for_text_keys_and_booleans_for_boolean_keys():
 
 @pytest.mark.parametrize("override, key", [("schedule.lr=-1", "schedule.lr"), ("data.crops.n_local=-1", "data.crops.n_local"),
                                            ("schedule.momentum_teacher=1.5", "schedule.momentum_teacher"),
-                                           ("data.crops.global_size=0", "data.crops.global_size")])
+                                           ("data.crops.global_size=0", "data.crops.global_size"),
+                                           ("schedule.lr=inf", "schedule.lr"), ("schedule.lr=nan", "schedule.lr"),
+                                           ("schedule.weight_decay=inf", "schedule.weight_decay")])
 def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])

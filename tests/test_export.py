@@ -461,3 +461,25 @@ def test_eval_commands_refuse_bad_weights_in_one_line(tmp_path, capsys, module):
     lines = [ln for ln in err.splitlines() if ln.startswith(f"python -m {module}:")]
     assert len(lines) == 1 and "bad.safetensors: not a readable safetensors file" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_diverged_weights_are_refused_by_export_and_eval_unless_allowed(tmp_path, capsys):
+    """A 95 %-NaN teacher printed a k-NN of 33.33 % and exported silently; now both refuse it in one line."""
+    from safetensors.torch import load_file
+
+    from ssl_container.cli import main
+
+    r = make_run(tmp_path, networks=("teacher",))
+    path = r["step_dir"] / "teacher.safetensors"
+    state = load_file(str(path))
+    key = next(k for k in state if k.startswith("backbone.") and state[k].is_floating_point() and state[k].numel() > 4)
+    state[key][:3] = float("nan")
+    state[key][3] = float("inf")
+    save_file(state, str(path))
+    with pytest.raises(CheckpointRefused, match="4 of .* backbone weights are NaN or infinite"):
+        load_backbone(r["run"])
+    assert main(["export", str(r["run"]), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--allow-nonfinite" in err[0] and not (tmp_path / "x").exists()
+    assert main(["export", str(r["run"]), "--out", str(tmp_path / "x"), "--allow-nonfinite"]) == 0
+    assert read_checkpoint(tmp_path / "x", allow_nonfinite=True).step == 10

@@ -156,6 +156,11 @@ def test_nonfinite_loss_is_skipped_then_stops_with_last_good_state(tmp_path):
     good, stopped = _teacher(stop, 2), _teacher(stop, 5)
     for k in good:
         assert torch.equal(good[k], stopped[k]), k
+    # The advice works: a lower lr, allowed as a change, resumes from the stop and trains to the end.
+    assert "checkpoint.allow_changes=[schedule.lr]" in proc.stderr
+    again = _run(stop, "max_steps=8", "max_nonfinite=3", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+                 "schedule.lr=1e-5", "checkpoint.allow_changes=[schedule.lr]")
+    assert json.loads(again.stdout.strip().splitlines()[-1])["steps"] == 8
 
 
 def test_help_and_config_refusals_answer_without_loading_torch():

@@ -102,7 +102,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             evals = json.load(f)
     try:
         out = export(args.source, args.out, args.which, include_head=args.head, eval_results=evals,
-                     model_name=args.model, overwrite=args.overwrite, onnx=args.onnx)
+                     model_name=args.model, overwrite=args.overwrite, onnx=args.onnx,
+                     allow_nonfinite=args.allow_nonfinite)
     except (CheckpointRefused, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"ssl-container export: {err}", file=sys.stderr)
         return 2
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-json", default=None, help="JSON file of evaluation results to record in meta.json")
     p.add_argument("--model", default=None, help="architecture when the source does not record it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export weights holding NaN or infinity (a diverged run) instead of refusing them")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch, height, width; "
                    "needs the onnx package: pip install -e .[onnx])")
     p.set_defaults(func=_cmd_export)

@@ -142,8 +142,10 @@ def _watch(run: Run, collapse: CollapseMonitor, metrics: MetricsLogger, record: 
             f"{state.consecutive_nonfinite} consecutive non-finite losses (steps "
             f"{state.step - state.consecutive_nonfinite + 1}..{state.step}, as logged); the last good weights are "
             f"saved in {folder}. Usual causes: a learning rate too high for the batch (schedule.lr), fp16 "
-            "overflow (use engine.precision=bf16), or corrupt inputs. Lower schedule.lr or raise "
-            "schedule.warmup_epochs and restart from the same run_dir to resume."
+            "overflow (use engine.precision=bf16), or corrupt inputs. To go on with a lower learning rate, restart "
+            "from the same run_dir with e.g. schedule.lr=<lower> checkpoint.allow_changes=[schedule.lr] (the count "
+            "of non-finite steps starts again at 0); if those weights have already run away (see grad_norm in "
+            "metrics.jsonl), point checkpoints/latest at an earlier step folder first."
         )
 
 

@@ -230,6 +230,7 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
     if env.is_main:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
     state = (ckpt.load(engine, {"teacher": teacher, "dino_state": loss}, universal) if resume else None) or TrainState()
+    state.consecutive_nonfinite = 0  # a restart (after a divergence stop, with a lower lr) gets fresh tries
     if carried is not None and carried.step == state.step:
         state.schedule_shift, state.data_base = carried.schedule_shift, carried.data_base
     end = sched.total_iters + state.schedule_shift  # the step count at the schedules' end

@@ -6,6 +6,7 @@ names the full config key, which ``config.load_config`` passes on to the user un
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Mapping
 
 __all__ = ["check_fields"]
@@ -26,6 +27,8 @@ def check_fields(obj: Any, section: str, *, positive: Iterable[str] = (), non_ne
     for names, ok, says in rules:
         for name in names:
             value = getattr(obj, name)
+            if isinstance(value, float) and not math.isfinite(value):  # NaN fails every range; inf must too
+                raise ValueError(f"config key '{key(name)}' must be a finite number, got {value}")
             if value is not None and not ok(value):
                 raise ValueError(f"config key '{key(name)}' {says}, got {value}")
     for name, allowed in (choices or {}).items():
