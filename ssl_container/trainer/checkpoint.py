@@ -22,6 +22,7 @@ DeepSpeed's files (see engine.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -236,14 +237,29 @@ class CheckpointManager:
 
         tag = self.resume_point()
         target = self.root / f"{tag}_universal"
-        if D.is_main() and not (target / "zero").is_dir():
+        if D.is_main() and not self.universal_is_current(tag):
             log.info("converting %s to DeepSpeed's universal format for a new world size", tag)
             tmp = self.root / f".{tag}_universal.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             convert_to_universal(self.root / tag, tmp)
+            (tmp / "source.json").write_text(json.dumps({"step_folder": tag, "meta_sha256": self._meta_digest(tag)}))
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         D.barrier()
+
+    def _meta_digest(self, tag: str) -> str:
+        # meta.json records the size and sha256 of every file of the step: it names this checkpoint's lineage.
+        return hashlib.sha256((self.root / tag / "meta.json").read_bytes()).hexdigest()
+
+    def universal_is_current(self, tag: str) -> bool:
+        """A ``<tag>_universal`` conversion is reused only if it was made from this very step folder: after
+        ``latest`` moved back and the run was retrained, a step of the same name is another checkpoint."""
+        target = self.root / f"{tag}_universal"
+        try:
+            source = json.loads((target / "source.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (target / "zero").is_dir() and source.get("meta_sha256") == self._meta_digest(tag)
 
     def load(self, engine: Any, stateful: Mapping[str, nn.Module], universal: bool = False) -> TrainState | None:
         """Restore the engine and each named object (strictly) from the newest complete checkpoint;

@@ -61,11 +61,11 @@ def plan_resume(cfg: TrainConfig, ckpt: CheckpointManager, iters_per_epoch: int,
     """The counters a resume of ``ckpt``'s newest intact checkpoint goes on with (None: none to read),
     after every check; raises :class:`CheckpointError` for a resume that must be refused."""
     plan = make_plan(cfg, ckpt, iters_per_epoch, world_size)
+    if plan.refused is not None:  # one line: the refusal names the change itself
+        raise CheckpointError(plan.refused)
     if plan.changes:
         log.warning("resuming %s with a changed config: %s", cfg.run_dir,
                     "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in plan.changes))
-    if plan.refused is not None:
-        raise CheckpointError(plan.refused)
     if plan.carried:
         log.warning("%s", plan.describe()[-1])
     return plan.state
@@ -150,6 +150,12 @@ def _accepted(cfg: TrainConfig, changes: list[tuple[str, Any, Any]],
     """Keys that reinterpret the saved state are refused unless checkpoint.allow_changes names them.
     Returns the trained-with config when an accepted change alters the samples per step or epoch (the
     position is then carried over)."""
+    layout = [(k, a, b) for k, a, b in changes if k in _OPTIMIZER_LAYOUT_KEYS]
+    if layout:
+        k, a, b = layout[0]
+        raise CheckpointError(
+            f"resuming {cfg.run_dir} with {k}={b!r}: its checkpoint holds the optimizer state of {k}={a!r}, which "
+            f"{b!r} cannot read. Resume with {k}={a!r}, or train in a new run_dir. Nothing has been changed.")
     refused = [k for k, _, _ in changes if changes_state(k) and k not in cfg.checkpoint.allow_changes]
     if refused:
         raise CheckpointError(
@@ -165,6 +171,10 @@ def _accepted(cfg: TrainConfig, changes: list[tuple[str, Any, Any]],
     except (ConfigError, ValueError) as err:
         raise CheckpointError(f"{found[1]} cannot be read back to carry the data position over: {err}") from None
 
+
+# Keys that fix the saved optimizer state's layout (DeepSpeed's flat ZeRO partitions or a plain optimizer;
+# AdamW's moments or SGD's momentum): no checkpoint.allow_changes makes another value load.
+_OPTIMIZER_LAYOUT_KEYS = ("engine.zero_stage", "optim.optimizer")
 
 # Keys that change the samples per step or per epoch: an accepted change re-places schedules and data.
 _PER_STEP_KEYS = ("data.batch_size", "engine.grad_accum_steps", "data.samples_per_epoch")

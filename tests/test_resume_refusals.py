@@ -1,0 +1,48 @@
+"""Resumes that cannot work are refused before anything is written: an optimizer-state layout the
+checkpoint was not saved with, and a universal conversion made from another checkpoint of the same name."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_container.config import CheckpointConfig
+from ssl_container.trainer.checkpoint import CheckpointManager
+
+REPO = Path(__file__).resolve().parents[1]
+SHARDS = REPO.parent / "shared" / "data" / "imagenette"
+
+
+def test_a_universal_conversion_is_reused_only_for_the_checkpoint_it_came_from(tmp_path):
+    ckpt = CheckpointManager(tmp_path, CheckpointConfig(), meta={})
+    step = ckpt.root / "step_00000005"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 5, "files": {"a": {"sha256": "1" * 64}}}))
+    universal = ckpt.root / "step_00000005_universal"
+    (universal / "zero").mkdir(parents=True)
+    assert not ckpt.universal_is_current("step_00000005")  # no record of its source: converted again
+    (universal / "source.json").write_text(json.dumps({"meta_sha256": ckpt._meta_digest("step_00000005")}))
+    assert ckpt.universal_is_current("step_00000005")
+    # `latest` moved back and the run retrained: a new step_00000005 with other files
+    (step / "meta.json").write_text(json.dumps({"step": 5, "files": {"a": {"sha256": "2" * 64}}}))
+    assert not ckpt.universal_is_current("step_00000005")
+
+
+@pytest.mark.skipif(not (SHARDS / "dataset.json").is_file(), reason="needs ../shared/data/imagenette (the real shards)")
+@pytest.mark.parametrize("change, said", [("engine.zero_stage=0", "engine.zero_stage=0: its checkpoint holds the "
+                                           "optimizer state of engine.zero_stage=1"),
+                                          ("optim.optimizer=sgd", "optim.optimizer='sgd': its checkpoint holds")])
+def test_an_optimizer_layout_change_is_refused_in_one_line(tmp_path, change, said):
+    from test_train import TINY, _env
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "ssl_container.train", f"run_dir={run}", *TINY, "max_steps=2"]
+    subprocess.run(base, cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = subprocess.run([*base, "max_steps=3", change], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and said.replace("'", "") in lines[0].replace("'", ""), lines
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
