@@ -34,6 +34,7 @@ folder with a ``meta.json`` holds a complete export.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -41,15 +42,19 @@ import logging
 import os
 import pickle
 import re
+import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ssl_container.utils.files import atomic_path, atomic_write_bytes, sha256_file
-from ssl_container.trainer.run_folder import STEP_FOLDER as _STEP, CheckpointError, latest_step_dir
+from ssl_container.trainer.run_folder import (EXPORT_FILES, STEP_FOLDER as _STEP, CheckpointError, export_target_problem,
+                                              latest_step_dir)
 
 log = logging.getLogger("ssl_container.export")
 
@@ -671,11 +676,44 @@ def export(
     arch_kwargs = _architecture_kwargs({**ckpt.model_kwargs, **dict(model_kwargs or {})})
 
     out = Path(out_dir).expanduser()
+    refusal = export_target_problem(out, overwrite)
+    if refusal:
+        raise FileExistsError(refusal)
     out.mkdir(parents=True, exist_ok=True)
-    existing = [f for f in ("meta.json", "backbone.safetensors", "dino_head.safetensors", "model.onnx",
-                            "model.safetensors", "config.json", "README.md") if (out / f).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out}: already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace")
+    for leftover in out.iterdir():  # temporaries of an export killed before this version swapped folders
+        if re.fullmatch(r"\.(?:%s)\..+\.tmp" % "|".join(map(re.escape, EXPORT_FILES)), leftover.name):
+            leftover.unlink()
+    staging = out.parent / f".{out.name}.export-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_export(staging, ckpt, model, name, arch_kwargs, include_head, eval_results, onnx)
+        with _signals_held():  # the swap: a stop signal waits the few milliseconds until it is done
+            for f in EXPORT_FILES:  # meta.json last: it is what marks a complete export
+                if (staging / f).exists():
+                    os.replace(staging / f, out / f)
+                elif (out / f).exists():
+                    os.unlink(out / f)  # stale: an ONNX graph or head of an earlier export into this folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _write_export(out: Path, ckpt: Checkpoint, model: nn.Module, name: str, arch_kwargs: dict[str, Any],
+                  include_head: bool, eval_results: Mapping[str, Any] | None, onnx: bool) -> None:
 
     # The state the strict load produced: every floating tensor fp32, our key order.
     state = {
@@ -699,8 +737,6 @@ def export(
 
     if onnx:
         files["onnx"] = export_onnx(model, out / "model.onnx")
-    elif (out / "model.onnx").exists():
-        os.unlink(out / "model.onnx")  # stale graph from an earlier export into this folder
     evals = {**(ckpt.eval or {}), **dict(eval_results or {})} or None
     import ssl_container
 
@@ -740,7 +776,4 @@ def export(
     atomic_write_bytes(out / "README.md", model_card(meta).encode())
     if head_bytes is not None:
         atomic_write_bytes(out / "dino_head.safetensors", head_bytes)
-    elif (out / "dino_head.safetensors").exists():
-        os.unlink(out / "dino_head.safetensors")  # stale head from an earlier export into this folder
     atomic_write_bytes(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    return out

@@ -483,3 +483,46 @@ def test_diverged_weights_are_refused_by_export_and_eval_unless_allowed(tmp_path
     assert len(err) == 1 and "--allow-nonfinite" in err[0] and not (tmp_path / "x").exists()
     assert main(["export", str(r["run"]), "--out", str(tmp_path / "x"), "--allow-nonfinite"]) == 0
     assert read_checkpoint(tmp_path / "x", allow_nonfinite=True).step == 10
+
+
+def test_an_interrupted_export_leaves_the_old_one_whole_and_no_temporaries(tmp_path, monkeypatch, capsys):
+    """SIGTERM during `export --onnx --overwrite` died without a line and left .tmp files (up to 80 MB) and
+    new weights beside the old meta.json, which local-dir: then loaded."""
+    import ssl_container.export as export_mod
+    from ssl_container.cli import main
+    from ssl_container.signals import Stopped
+
+    first = make_run(tmp_path / "a", networks=("teacher",))
+    second = make_run(tmp_path / "b", networks=("teacher",), step=20)
+    out = tmp_path / "exp"
+    export(first["run"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / ".model.onnx.abc123.tmp").write_bytes(b"left by an older version")
+
+    def stopped(*args, **kwargs):
+        raise Stopped(15)  # what stop_raises raises when SIGTERM arrives mid-export
+
+    monkeypatch.setattr(export_mod, "export_onnx", stopped)
+    assert main(["export", str(second["run"]), "--out", str(out), "--overwrite", "--onnx"]) == 128 + 15
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing half-written" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, whole; temporaries gone
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    monkeypatch.undo()
+    export(second["run"], out, overwrite=True)
+    assert json.loads((out / "meta.json").read_text())["step"] == 20
+
+
+def test_an_export_into_a_run_folder_is_refused_before_torch_loads(tmp_path):
+    import subprocess
+    import sys
+
+    r = make_run(tmp_path)
+    meta = (r["step_dir"] / "meta.json").read_bytes()
+    for target in (r["step_dir"], r["run"], r["run"] / "export"):
+        proc = subprocess.run([sys.executable, "-c", "import sys; from ssl_container.cli import main; "
+                               f"rc = main(['export', {str(r['run'])!r}, '--out', {str(target)!r}, '--overwrite']); "
+                               "print('torch' in sys.modules); sys.exit(rc)"], capture_output=True, text=True)
+        assert proc.returncode == 2 and "inside the run folder" in proc.stderr, proc.stderr
+        assert proc.stdout.strip() == "False"
+    assert (r["step_dir"] / "meta.json").read_bytes() == meta

@@ -94,19 +94,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
 
+    from ssl_container.trainer.run_folder import export_target_problem
+
+    refusal = export_target_problem(Path(args.out), args.overwrite) or \
+        (None if Path(args.source).exists() else f"{args.source}: no such file or folder")
+    if refusal:  # before torch loads: a refusal answers at once
+        print(f"ssl-container export: {refusal}", file=sys.stderr)
+        return 2
     from ssl_container.export import CheckpointRefused, export
+    from ssl_container.signals import Stopped, exit_code, stop_raises
 
     evals = None
     if args.eval_json:
         with open(args.eval_json) as f:
             evals = json.load(f)
     try:
-        out = export(args.source, args.out, args.which, include_head=args.head, eval_results=evals,
-                     model_name=args.model, overwrite=args.overwrite, onnx=args.onnx,
-                     allow_nonfinite=args.allow_nonfinite)
+        with stop_raises():  # a stop signal unwinds the export: the old export folder stays as it was
+            out = export(args.source, args.out, args.which, include_head=args.head, eval_results=evals,
+                         model_name=args.model, overwrite=args.overwrite, onnx=args.onnx,
+                         allow_nonfinite=args.allow_nonfinite)
     except (CheckpointRefused, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"ssl-container export: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(f"ssl-container export: {stop}; {args.out} is as it was before (nothing half-written)", file=sys.stderr)
+        return exit_code(stop.signum)
     meta = json.loads((out / "meta.json").read_text())
     print(f"exported {meta['model']['name']} {meta['which'] or ''} (step {meta['step']}) to {out}: "
           f"backbone.safetensors sha256 {meta['weights']['sha256']}"

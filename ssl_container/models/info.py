@@ -8,7 +8,6 @@ formula is supplied; without it their attention would count as free.
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable
 
 import torch

@@ -17,7 +17,7 @@ from typing import Any
 
 from ssl_container.utils.files import sha256_file
 
-__all__ = ["STEP_FOLDER", "CheckpointError", "check_intact", "folder_bytes", "folder_files", "latest_step_dir", "move_aside",
+__all__ = ["EXPORT_FILES", "STEP_FOLDER", "CheckpointError", "export_target_problem", "check_intact", "folder_bytes", "folder_files", "latest_step_dir", "move_aside",
            "read_latest"]
 
 STEP_FOLDER = re.compile(r"^step_(\d{8})$")
@@ -89,3 +89,24 @@ def latest_step_dir(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     tag = read_latest(root) if root.is_dir() else None
     return root / tag if tag else None
+
+
+# What an export folder holds, in the order they are swapped in (meta.json, the completion mark, last).
+EXPORT_FILES = ("backbone.safetensors", "model.safetensors", "dino_head.safetensors", "model.onnx", "config.json",
+                "README.md", "meta.json")
+
+
+def export_target_problem(out: Path, overwrite: bool) -> str | None:
+    """Why ``out`` may not receive an export (None when it may): it is a run folder or inside one (an
+    export there would replace a checkpoint's meta.json), or it holds an export and ``overwrite`` is off.
+    Paths only: the command line asks before torch is loaded."""
+    resolved = out.resolve()
+    for p in (resolved, *resolved.parents):
+        if (p / "checkpoints").is_dir() or p.name == "checkpoints" or \
+                (p.parent.name == "checkpoints" and p.name.startswith("step_")):
+            return (f"{out}: it is inside the run folder {p if p.name != 'checkpoints' else p.parent}; an export there "
+                    "would replace a checkpoint's files. Export to a folder of its own, e.g. --out runs/exports/NAME")
+    existing = [f for f in EXPORT_FILES if (out / f).exists()]
+    if existing and not overwrite:
+        return f"{out}: already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace"
+    return None
