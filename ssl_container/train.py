@@ -40,6 +40,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _failures() -> tuple[type[BaseException], ...]:
+    from ssl_container.trainer.loop import LoaderWorkerDied, NonFiniteLossError
+
+    return (LoaderWorkerDied, NonFiniteLossError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``ssl-container train ...`` and ``python -m ssl_container.train ...`` (also under torchrun / srun)."""
     args = train_argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -62,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if D.resolve_env().is_main:
             print(f"ssl-container train: {stop}", file=sys.stderr)
         return exit_code(stop.signum)
+    except _failures() as err:  # a worker died, the loss diverged: one line, exit 1, what was saved said
+        from ssl_container import distributed as D
+
+        if D.resolve_env().is_main:
+            print(f"ssl-container train: {err}", file=sys.stderr)
+        return 1
     except REFUSALS as err:
         from ssl_container import distributed as D
 

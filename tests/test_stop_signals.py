@@ -444,3 +444,39 @@ def test_a_zombie_holder_counts_as_gone():
         assert not _alive(proc.pid)
     finally:
         proc.wait()
+
+
+def _children(pid):
+    """Process ids whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_killed_loader_worker_saves_at_the_step_and_the_run_resumes_exactly(tmp_path, reference):
+    """kill -9 of one loader worker lost every step since the last checkpoint (RuntimeError, exit 1)."""
+    from test_train import _losses, _run, _teacher
+
+    run = tmp_path / "run"
+    proc = _start(run)
+    _wait_for(lambda: _logged_steps(run) >= 3, "three logged steps")
+    workers = _children(proc.pid)
+    assert workers, "no loader worker found"
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, err[-3000:]
+    line = [ln for ln in err.splitlines() if ln.startswith("ssl-container train: ")]
+    assert len(line) == 1 and "DataLoader worker" in line[0] and "run the same command again" in line[0], err[-3000:]
+    assert "Traceback" not in err
+    saved = _latest(run)
+    assert 3 <= saved < 10 and f"saved step {saved}" in line[0]
+    _run(run, *COMMON)
+    assert _losses(run) == _losses(reference / "one")
+    a, b = _teacher(reference / "one", 10), _teacher(run, 10)
+    assert all((a[k] == b[k]).all() for k in a)

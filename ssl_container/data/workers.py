@@ -122,8 +122,21 @@ class DataLoader(torch.utils.data.DataLoader):
             return super()._get_iterator()
         with stop_signals_blocked():
             it = super()._get_iterator()
+        _defer_worker_failures()
         _live.add(it)
         return it
+
+
+def _defer_worker_failures() -> None:
+    """PyTorch's SIGCHLD handler raises "DataLoader worker ... is killed by signal" wherever the main
+    thread happens to be when a worker dies: in the middle of an optimizer step or an EMA update, a
+    state nobody can save. Without it, the next fetch notices the dead worker (PyTorch checks its
+    workers every 5 s while it waits) at a point where nothing is half-done, and the trainer saves there."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if callable(handler) and getattr(handler, "__module__", "").startswith("torch.utils.data"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 def shutdown(it: Any) -> None:

@@ -32,11 +32,33 @@ from ssl_container.trainer.trackers import Trackers, open_trackers
 
 log = logging.getLogger("ssl_container.train")
 
-__all__ = ["train", "NonFiniteLossError"]
+__all__ = ["train", "NonFiniteLossError", "LoaderWorkerDied"]
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class LoaderWorkerDied(RuntimeError):
+    """A data loader worker died (killed, out of memory); the message says what was saved."""
+
+
+def _step(run: Run, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """``dino_step``; if a loader worker dies while it fetches, the step has not changed the weights
+    or the optimizer (a fetch comes before any update, and accumulated gradients are not saved), so a
+    single-rank run saves at this step boundary before stopping: nothing since the last save is lost."""
+    try:
+        return dino_step(run, batches).metrics
+    except RuntimeError as err:
+        if "DataLoader worker" not in str(err):
+            raise
+        said = str(err).strip().splitlines()[0].rstrip(". ")
+        if run.env.world_size > 1:  # a save is collective, and the other ranks are in the step's all-reduce
+            raise LoaderWorkerDied(f"{said}; stopping (the newest checkpoint is the one to resume from)") from None
+        folder = run.save()
+        raise LoaderWorkerDied(f"{said}. The run saved step {run.state.step} in {folder}: run the same command "
+                               "again to resume from it (if the worker ran out of memory, lower data.num_workers "
+                               "or data.shuffle_buffer)") from None
 
 
 def train(cfg: TrainConfig, take_signals: Sequence[int] = ()) -> dict[str, Any]:
@@ -66,7 +88,7 @@ def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
     with _stepping(loader, metrics) as batches:
         while state.step < run.total_steps:
             _stop_if_asked(run, stops, metrics)  # before each step: a signal in start-up or an epoch change too
-            record = dino_step(run, batches).metrics
+            record = _step(run, batches)
             record.update({f"data_{k}": v for k, v in loader.counters.items() if k in ("bad", "seen")})
             metrics.log(state.step, record)
             _watch(run, collapse, metrics, record)
