@@ -221,12 +221,19 @@ class _FolderDataset(torch.utils.data.Dataset):
         from ssl_container.data.augment import eval_transform
 
         path, label = self.samples[i]
-        with open(path, "rb") as f:
-            img = eval_transform(f.read(), self.transform)
+        try:
+            with open(path, "rb") as f:
+                img = eval_transform(f.read(), self.transform)
+        except Exception as err:  # a truncated or empty file: skipped and counted, as training does
+            log.warning("skipping %s: not a readable image (%s: %s)", path, type(err).__name__, str(err)[:120])
+            return None
         return img, label, os.path.relpath(path, self.root)
 
 
 def _collate(batch):
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.int64), []
     imgs, labels, keys = zip(*batch)
     return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64), list(keys)
 
@@ -511,13 +518,27 @@ def setup_from_args(args: argparse.Namespace) -> EvalContext:
             device = torch.device("cuda", env.local_rank)
     if args.out:
         out = Path(args.out)
+        if not _writable(out):
+            raise SystemExit(f"--out {out}: cannot write there (read-only or no permission); choose another folder")
     elif args.weights:
         w = Path(args.weights)
         out = (w if w.is_dir() else w.parent) / "eval"
+        if not _writable(out):  # a colleague's read-only run folder: the results still get written, here
+            fallback = Path("eval_outputs") / (w if w.is_dir() else w.parent).name
+            log.warning("%s is not writable: results go to %s instead (--out chooses)", out, fallback)
+            out = fallback
     else:
         raise SystemExit("--out is required without --weights (results go next to the checkpoint otherwise)")
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     return EvalContext(args, device, rank, world, out, cache, owns)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` can be created or written: the nearest existing ancestor decides."""
+    p = folder.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return os.access(p, os.W_OK | os.X_OK)
 
 
 def split_source(args: argparse.Namespace, split: str) -> DataSource | None:

@@ -1,5 +1,6 @@
 """Evaluation commands refuse data they cannot use in one line before any work, and never cache an
 empty extraction: a missing --data path, a missing shard, a split the set does not have."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,44 @@ def test_the_feature_cache_keys_on_the_shards_on_disk(tmp_path):
     write_synthetic_shards(root, n_shards=1, per_shard=5, split="train", seed=3, dataset_json=False)
     assert (root / "dataset.json").read_text() == meta
     assert cache_key("w", resolve_data(str(root), "train"), None, "pooled") != before
+
+
+def test_a_truncated_image_in_a_folder_is_skipped_and_a_read_only_run_folder_still_gets_results(tmp_path, monkeypatch):
+    """One truncated JPEG in --train-folder was a traceback naming no file; --weights on a read-only run
+    folder computed everything, then failed writing RUN/eval."""
+    import io
+    import os
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from eval.knn import main
+    from ssl_container.export import export
+    from ssl_container.models import create_model
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "imgs" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, format="JPEG")
+                (d / f"{i}.jpg").write_bytes(buf.getvalue())
+    good = (tmp_path / "imgs" / "train" / "a" / "0.jpg").read_bytes()
+    (tmp_path / "imgs" / "train" / "a" / "cut.jpg").write_bytes(good[: len(good) // 3])
+    model = create_model("container_light_narrow", num_classes=0)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    exported = export(tmp_path / "w.safetensors", tmp_path / "ro" / "export", model_name="container_light_narrow")
+    # The folder read-only as a colleague sees it (root may write anywhere, so its access check is faked).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(exported)) and mode & os.W_OK
+                        else real_access(p, mode))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--weights", str(exported), "--train-folder", str(tmp_path / "imgs" / "train"),
+               "--val-folder", str(tmp_path / "imgs" / "val"), "--no-cache", "--ks", "1", "--resize", "64",
+               "--crop", "64"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "eval_outputs" / "export" / "knn.json").read_text())
+    assert doc["num_train"] == 6 and doc["num_test"] == 6, doc  # the truncated one skipped, the rest kept

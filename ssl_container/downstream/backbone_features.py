@@ -114,6 +114,8 @@ def extract_features(model: nn.Module, loader: Iterable, device: str | torch.dev
     bar = Progress(total, "features", "img", enabled=progress and rank == 0)
     t0 = time.perf_counter()
     for images, lab, kk in loader:
+        if not len(kk):  # every image of the batch was unreadable (skipped by the loader)
+            continue
         images = images.to(device, non_blocking=True)
         with ctx:
             out = forward_features(model, images, kinds)
