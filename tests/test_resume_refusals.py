@@ -46,3 +46,20 @@ def test_an_optimizer_layout_change_is_refused_in_one_line(tmp_path, change, sai
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and said.replace("'", "") in lines[0].replace("'", ""), lines
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_through_a_symlinked_run_folder_acts_where_the_folder_lives(tmp_path):
+    """checkpoint.overwrite=true on RUN -> /scratch/RUN renamed the link, and the new run was created where
+    the link had been (a quota-limited home, say)."""
+    from ssl_container.trainer.run_folder import move_aside
+
+    scratch = tmp_path / "scratch" / "run"
+    (scratch / "checkpoints" / "step_00000002").mkdir(parents=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    link = home / "run"
+    link.symlink_to(scratch)
+    aside = move_aside(link)
+    assert aside.parent == scratch.parent and (aside / "checkpoints" / "step_00000002").is_dir()
+    assert link.is_symlink() and link.resolve() == scratch and scratch.is_dir() and not any(scratch.iterdir())
+    assert sorted(p.name for p in home.iterdir()) == ["run"]  # nothing new in the home folder

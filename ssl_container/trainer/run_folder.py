@@ -71,12 +71,17 @@ def check_intact(folder: Path) -> str | None:
 
 
 def move_aside(run_dir: Path) -> Path:
-    """Rename a run folder to RUN.replaced-<UTC time> (nothing deleted); returns the new name."""
+    """Rename a run folder to RUN.replaced-<UTC time> (nothing deleted); returns the new name. A run
+    folder reached through a symbolic link (a home folder pointing at scratch space) is renamed where
+    it lives, and the link then points at a new empty folder there: the new run stays on that storage."""
     import datetime
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    aside = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
-    os.replace(run_dir, aside)
+    target = Path(os.path.realpath(run_dir))
+    aside = target.with_name(f"{target.name}.replaced-{stamp}")
+    os.replace(target, aside)
+    if Path(run_dir).is_symlink():
+        target.mkdir()
     return aside
 
 
