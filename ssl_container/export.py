@@ -54,7 +54,7 @@ from torch import nn
 
 from ssl_container.utils.files import atomic_path, atomic_write_bytes, sha256_file
 from ssl_container.trainer.run_folder import (EXPORT_FILES, STEP_FOLDER as _STEP, CheckpointError, export_target_problem,
-                                              latest_step_dir)
+                                              is_unsafe_pickle, latest_step_dir)
 
 log = logging.getLogger("ssl_container.export")
 
@@ -396,7 +396,7 @@ def _read_torch_file(path: Path, which: str | None) -> Checkpoint:
         text = str(e)
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n")[0].strip() or "unpickling failed"
         detail = detail.split(". Please use")[0]
-        unsafe = "Unsupported global" in text
+        unsafe = is_unsafe_pickle(text)
         raise CheckpointRefused(
             f"{path}: refused, torch.load(weights_only=True) cannot read it ({detail})"
             + ("; it pickles Python objects, and loading it with weights_only=False would run arbitrary code. "

@@ -63,3 +63,36 @@ def test_overwrite_through_a_symlinked_run_folder_acts_where_the_folder_lives(tm
     assert aside.parent == scratch.parent and (aside / "checkpoints" / "step_00000002").is_dir()
     assert link.is_symlink() and link.resolve() == scratch and scratch.is_dir() and not any(scratch.iterdir())
     assert sorted(p.name for p in home.iterdir()) == ["run"]  # nothing new in the home folder
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.skipif(not (SHARDS / "dataset.json").is_file(), reason="needs ../shared/data/imagenette (the real shards)")
+def test_a_resume_from_an_unsafe_pickle_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    import torch
+
+    from ssl_container.trainer.run_folder import folder_files
+    from test_train import TINY, _env
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "ssl_container.train", f"run_dir={run}", *TINY, "max_steps=2"]
+    subprocess.run(base, cwd=REPO, env=_env(), check=True, capture_output=True, timeout=300)
+    step = run / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    torch.save({"module": _Evil(marker)}, step / "mp_rank_00_model_states.pt")
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"] = folder_files(step)  # the digests agree: only the weights-only load stands in the way
+    (step / "meta.json").write_text(json.dumps(meta))
+    proc = subprocess.run(base, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pickles Python objects" in lines[0], lines[-5:]
+    assert not marker.exists()

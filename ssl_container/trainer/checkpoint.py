@@ -280,7 +280,7 @@ class CheckpointManager:
         self.check_compatible(meta, folder)
         with weights_only_loads():
             load_path, _ = engine.load_checkpoint(str(self.root), tag=f"{tag}_universal" if universal else tag,
-                                                       load_module_strict=True)
+                                                  load_module_strict=True)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {folder}; its files may be damaged. Remove {folder} "
                                f"and point {self.root / 'latest'} at an older step folder to resume from there.")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ssl_container.config import EngineConfig, OptimConfig
+from ssl_container.trainer.run_folder import CheckpointError, is_unsafe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +150,11 @@ def _install_safe_checkpoint_engine(engine: Any) -> None:
             try:
                 return _unpadded_layout_as_old(torch.load(path, map_location=map_location, weights_only=True))
             except Exception as err:  # pickle errors come in several types
-                raise RuntimeError(
-                    f"refusing to load checkpoint file {path}: it is not loadable with weights_only=True "
-                    f"({str(err).splitlines()[0][:200]}). Only checkpoints written by ssl_container's "
-                    "trainer are resumed; start a fresh run_dir to train from scratch."
+                what = ("it pickles Python objects that a weights-only load refuses to run (an unsafe or foreign "
+                        "file)" if is_unsafe_pickle(str(err)) else "it is damaged (torch.load cannot read it)")
+                raise CheckpointError(  # a refusal (one line, exit 2), decided before anything was changed
+                    f"refusing to resume from {path}: {what}. Only checkpoints written by ssl_container's trainer "
+                    "are resumed: point checkpoints/latest at an older step folder, or start a fresh run_dir."
                 ) from None
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ssl_container.utils.files import sha256_file
 
-__all__ = ["EXPORT_FILES", "STEP_FOLDER", "CheckpointError", "export_target_problem", "check_intact", "folder_bytes", "folder_files", "latest_step_dir", "move_aside",
+__all__ = ["EXPORT_FILES", "STEP_FOLDER", "CheckpointError", "export_target_problem", "is_unsafe_pickle", "check_intact", "folder_bytes", "folder_files", "latest_step_dir", "move_aside",
            "read_latest"]
 
 STEP_FOLDER = re.compile(r"^step_(\d{8})$")
@@ -115,3 +115,10 @@ def export_target_problem(out: Path, overwrite: bool) -> str | None:
     if existing and not overwrite:
         return f"{out}: already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace"
     return None
+
+
+def is_unsafe_pickle(message: str) -> bool:
+    """Whether torch.load(weights_only=True) refused a file for the Python objects it pickles (code that
+    would run on a full load), as opposed to damaged bytes; torch words it differently across versions."""
+    lowered = message.lower()
+    return ("unsupported" in lowered and "global" in lowered) or "is blocked" in lowered
