@@ -157,13 +157,16 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
         root = Path(spec)
         meta_path = root / "dataset.json"
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
+            from ssl_container.data.sources import dataset_json_problem, read_dataset_json
+
+            meta = read_dataset_json(meta_path)
             splits = meta.get("splits", {})
             if split is None or split not in splits:
                 raise ValueError(f"{root}: it has no split {split!r}; its dataset.json lists {sorted(splits)}")
-            if splits[split].get("incomplete"):
-                raise ValueError(f"{meta_path}: split '{split}' is incomplete: {splits[split]['incomplete']}")
             urls = [str(root / u) for u in expand_urls(splits[split]["shards"])]
+            problem = dataset_json_problem(urls)
+            if problem:
+                raise ValueError(problem)
             return DataSource(f"{meta.get('name', root.name)}/{split}", urls=urls,
                               num_samples=int(splits[split].get("num_samples", 0)) or None,
                               classes=meta.get("classes"), shard_sha256=meta.get("sha256"))
@@ -177,10 +180,11 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. {missing[0]}: check the "
                                 "pattern against the folder (its dataset.json lists the set's own)")
-    from ssl_container.data.sources import incomplete_problem
+    from ssl_container.data.sources import dataset_json_problem
 
-    if incomplete_problem(urls):
-        raise ValueError(incomplete_problem(urls))
+    problem = dataset_json_problem(urls)
+    if problem:
+        raise ValueError(problem)
     src = DataSource(os.path.basename(os.path.dirname(os.path.abspath(urls[0]))) + f"/{split or 'split'}", urls=urls,
                      num_samples=count_samples_from_metadata(urls))
     meta_path = Path(urls[0]).parent / "dataset.json"
@@ -200,7 +204,9 @@ def held_out_split(data: str | os.PathLike) -> str:
     meta_path = Path(data) / "dataset.json"
     if not meta_path.is_file():
         return "val"
-    splits = sorted(json.loads(meta_path.read_text()).get("splits", {}))
+    from ssl_container.data.sources import read_dataset_json
+
+    splits = sorted(read_dataset_json(meta_path).get("splits", {}))
     for name in ("val", "test"):
         if name in splits:
             return name

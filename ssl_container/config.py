@@ -401,7 +401,7 @@ def print_resolved(path: str | Path | None, overrides: Sequence[str], prog: str 
 def check_shards(cfg: TrainConfig) -> None:
     """Local shards that are missing or unreadable fail here, before the run folder is touched (and, from
     the command line, before torch is loaded)."""
-    from ssl_container.data.sources import expand_urls, incomplete_problem, local_path
+    from ssl_container.data.sources import dataset_json_problem, expand_urls, local_path
 
     if not cfg.data.urls:
         raise ConfigError("data.urls is empty: pass the training shards, e.g. data.urls=[/data/train-{000000..000099}.tar]")
@@ -420,7 +420,7 @@ def check_shards(cfg: TrainConfig) -> None:
     if unreadable:
         raise ConfigError(f"data.urls: {len(unreadable)} of the {len(urls)} training shards cannot be read (first: "
                           f"{unreadable[0]}): check their permissions.")
-    problem = incomplete_problem(urls)
+    problem = dataset_json_problem(urls)
     if problem:
         raise ConfigError(f"data.urls: {problem}")
 

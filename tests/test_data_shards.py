@@ -162,10 +162,11 @@ def test_unreadable_sources_are_skipped_by_path_or_refused_with_strict(image_fol
     caplog.set_level("WARNING", logger="ssl_container.data.shards")
     assert main(["shards", "write", str(image_folder), str(out), "--max-count", "10"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["num_samples"] == 23 and printed["skipped"] == 2
+    assert printed["num_samples"] == 23 and printed["skipped"] == 3
     split = json.loads((out / "dataset.json").read_text())["splits"]["train"]
     assert sorted((os.path.basename(s["source"]), s["problem"]) for s in split["skipped"]) == [
-        ("fake.jpg", "not an image PIL can identify"), ("x.jpg", "empty file")]
+        ("fake.jpg", "not an image PIL can identify"), ("notes.txt", "not an image by its extension"),
+        ("x.jpg", "empty file")]
     assert sum(split["shard_samples"]) == 23
     logged = caplog.text
     assert "notes.txt" in logged and "not images by their extension" in logged  # the .txt is named, not silent
@@ -271,6 +272,52 @@ def test_a_truncated_jpeg_is_skipped_when_writing(image_folder, tmp_path):
     (image_folder / "banana" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
     out = tmp_path / "set"
     entry = write_shards(str(image_folder), str(out), max_count=50)
-    assert [os.path.basename(s["source"]) for s in entry["skipped"]] == ["cut.jpg"]
-    assert "truncated" in entry["skipped"][0]["problem"]
+    damaged = [s for s in entry["skipped"] if s["problem"] != "not an image by its extension"]
+    assert [os.path.basename(s["source"]) for s in damaged] == ["cut.jpg"] and "truncated" in damaged[0]["problem"]
     assert verify_shards(str(out)).ok
+
+
+def test_a_broken_or_overclaiming_dataset_json_and_a_full_disk_are_one_line_each(image_folder, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import errno
+
+    from eval.features import resolve_data
+    from ssl_container.config import ConfigError, check_shards, load_config
+    from ssl_container.data import shards as shards_mod
+
+    out = tmp_path / "set"
+    write_shards(str(image_folder), str(out), max_count=10)
+    meta_path = out / "dataset.json"
+    good = meta_path.read_text()
+    urls = f"data.urls=[{out / json.loads(good)['splits']['train']['shards']}]"
+
+    # Full disk while rewriting: one line, exit 2, the old set as it was, no staging left.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(path, samples):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(shards_mod, "_write_tar", full)
+    capsys.readouterr()
+    assert main(["shards", "write", str(image_folder), str(out), "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "nothing of an existing set" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+
+    # Truncated: training, eval and shards write refuse it in one line naming the file.
+    meta_path.write_text(good[: len(good) // 2])
+    with pytest.raises(ConfigError, match="not a valid dataset.json"):
+        check_shards(load_config(None, [urls]))
+    with pytest.raises(ValueError, match="not a valid dataset.json"):
+        resolve_data(str(out), "train")
+    assert main(["shards", "write", str(image_folder), str(out)]) == 2
+    assert "not a valid dataset.json" in capsys.readouterr().err
+
+    # 4.8 million samples claimed for 23 images: refused at start, from the file sizes alone.
+    meta = json.loads(good)
+    meta["splits"]["train"]["shard_samples"][0] = 4_800_000
+    meta["splits"]["train"]["num_samples"] = 4_800_013
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="claims 4,800,000 samples in train-000000.tar"):
+        check_shards(load_config(None, [urls]))

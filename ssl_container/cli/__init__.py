@@ -116,6 +116,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except (CheckpointRefused, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"ssl-container export: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full, read-only or over-quota disk: an earlier export there is left whole
+        print(f"ssl-container export: cannot write {args.out}: {err.strerror or err}; an earlier export there is "
+              "left as it was", file=sys.stderr)
+        return 2
     except Stopped as stop:
         print(f"ssl-container export: {stop}; {args.out} is as it was before (nothing half-written)", file=sys.stderr)
         return exit_code(stop.signum)
@@ -173,6 +177,11 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
                              strict=args.strict)
     except (ValueError, FileNotFoundError) as err:
         print(f"ssl-container shards write: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full, read-only or over-quota disk: the existing set was left as it was
+        print(f"ssl-container shards write: cannot write in {args.out_dir}: {err.strerror or err} "
+              f"({getattr(err, 'filename', None) or args.out_dir}); nothing of an existing set there was changed",
+              file=sys.stderr)
         return 2
     print(json.dumps({"out_dir": args.out_dir, "split": args.split,
                       **{k: entry[k] for k in ("shards", "num_shards", "num_samples")},

@@ -29,6 +29,7 @@ from ssl_container.utils.files import atomic_path, atomic_write_json, sha256_fil
 from ssl_container.utils.progress import Progress
 from ssl_container.data.sources import (
     INCOMPLETE,
+    read_dataset_json,
     BadDataCounter,
     expand_urls,
     find_dataset_json,
@@ -57,8 +58,9 @@ class _Item:
 # sources
 
 
-def items_from_folder(root: str) -> tuple[list[_Item], list[str]]:
-    """ImageFolder: one sub-directory per class (sorted names = class indices), images anywhere below."""
+def items_from_folder(root: str) -> tuple[list[_Item], list[str], list[str]]:
+    """ImageFolder: one sub-directory per class (sorted names = class indices), images anywhere below.
+    Returns the items, the classes and the files left out for their extension (listed as skipped)."""
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise ValueError(f"{root}: no class sub-directories (expected root/<class>/<image>)")
@@ -78,7 +80,7 @@ def items_from_folder(root: str) -> tuple[list[_Item], list[str]]:
                     root, len(others), others[0], " ".join(sorted(set(FOLDER_EXTS))))
     if not items:
         raise ValueError(f"{root}: no images with extensions {sorted(FOLDER_EXTS)}")
-    return items, classes
+    return items, classes, others
 
 
 def items_from_list(list_path: str, classes: Sequence[str] | None = None) -> tuple[list[_Item], list[str] | None]:
@@ -251,8 +253,11 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     like are skipped, counted and listed with their path in the entry's ``skipped`` (``strict``:
     refused instead). Each sample records its source path as its ``src`` member."""
     kind = detect_source_kind(source) if source_kind == "auto" else source_kind
+    if os.path.exists(os.path.join(out_dir, "dataset.json")):
+        read_dataset_json(os.path.join(out_dir, "dataset.json"))  # a broken one is refused before any work
+    left_out: list[str] = []
     if kind == "folder":
-        items, found_classes = items_from_folder(str(source))
+        items, found_classes, left_out = items_from_folder(str(source))
     elif kind == "list":
         items, found_classes = items_from_list(str(source), classes)
     elif kind == "shards":
@@ -302,7 +307,7 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
         plan[-1].append(int(idx))
         size += b
 
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, str]] = [{"source": p, "problem": "not an image by its extension"} for p in left_out]
 
     def samples(indices: list[int], first: int) -> Iterator[tuple[str, dict[str, bytes]]]:
         j = 0
@@ -320,21 +325,24 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
 
     shard_names, shard_samples, digests = [], [], {}
     first = 0
-    with Progress(len(plan), f"shards {split}", "shard") as bar:
-        for i, indices in enumerate(plan):
-            fname = f"{split}-{i:06d}.tar"
-            n, digest = _write_tar(os.path.join(staging, fname), samples(indices, first))
-            shard_names.append(fname)
-            shard_samples.append(n)
-            digests[fname] = digest
-            first += n
-            bar.update()
+    try:
+        with Progress(len(plan), f"shards {split}", "shard") as bar:
+            for i, indices in enumerate(plan):
+                fname = f"{split}-{i:06d}.tar"
+                n, digest = _write_tar(os.path.join(staging, fname), samples(indices, first))
+                shard_names.append(fname)
+                shard_samples.append(n)
+                digests[fname] = digest
+                first += n
+                bar.update()
+    except BaseException:  # a full disk, a stop signal: the old set stays as it was, nothing half-written is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
     meta_path = os.path.join(out_dir, "dataset.json")
     meta: dict = {}
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta = read_dataset_json(meta_path)
     old = meta.get("splits", {}).get(split)
     stale = set(os.path.basename(u) for u in expand_urls(old["shards"])) - set(shard_names) if old else set()
     entry = {"shards": f"{split}-{{000000..{len(plan) - 1:06d}}}.tar", "num_shards": len(plan),
@@ -342,7 +350,7 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     if skipped:
         entry["skipped"] = skipped  # unreadable sources, by path, so they can be fixed and the split rewritten
         log.warning("%d of %d sources were not readable images and were skipped (listed in %s under splits.%s.skipped)",
-                    len(skipped), len(items), os.path.join(out_dir, "dataset.json"), split)
+                    len(skipped), len(items) + len(left_out), os.path.join(out_dir, "dataset.json"), split)
     meta.setdefault("name", name)
     meta["format"] = FORMAT
     if classes is not None:
@@ -361,8 +369,7 @@ def _swap_in(out_dir: str, staging: str, split: str, names: list[str], stale: se
     new dataset.json, written last, clears the mark."""
     meta_path = os.path.join(out_dir, "dataset.json")
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            current = json.load(f)
+        current = read_dataset_json(meta_path)
         if split in current.get("splits", {}):
             current["splits"][split]["incomplete"] = INCOMPLETE
             atomic_write_json(meta_path, current)

@@ -242,21 +242,50 @@ INCOMPLETE = ("a `shards write` replacing this split was stopped while it swappe
               "command again to finish it (the old set is gone, the new one is not complete)")
 
 
-def incomplete_problem(urls: Sequence[str]) -> str | None:
-    """Why these shards must not be read (a split of theirs is marked incomplete), else None."""
+def read_dataset_json(path: str | os.PathLike) -> dict:
+    """A dataset.json, or ValueError naming it and the fix (a truncated or hand-edited file)."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid dataset.json ({type(err).__name__}: {str(err)[:80]}); it may be "
+                         "truncated: write it again with `ssl-container shards write`, or restore it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict):
+        raise ValueError(f"{path}: not a valid dataset.json (expected a mapping with 'splits'); write it again with "
+                         "`ssl-container shards write`, or restore it")
+    return meta
+
+
+# A sample is at least two tar members (the image and its label), each a 512-byte header and a block.
+_MIN_SAMPLE_BYTES = 2048
+
+
+def dataset_json_problem(urls: Sequence[str]) -> str | None:
+    """Why the shards' dataset.json must not be trusted, else None: unreadable, a split of these shards
+    marked incomplete (an interrupted rewrite), or more samples claimed than the shard files can hold
+    (checked from file sizes only: cheap at every start)."""
     meta_path = find_dataset_json(urls)
     if meta_path is None:
         return None
     try:
-        with open(meta_path) as f:
-            splits = json.load(f).get("splits", {})
-    except (OSError, ValueError):
-        return None
-    wanted = {os.path.basename(local_path(u) or u) for u in urls}
+        splits = read_dataset_json(meta_path).get("splits", {})
+    except ValueError as err:
+        return str(err)
+    wanted = {os.path.basename(local_path(u) or u): local_path(u) for u in urls}
     for name, entry in splits.items():
-        if isinstance(entry, dict) and entry.get("incomplete") and \
-                wanted & {os.path.basename(u) for u in expand_urls(entry["shards"])}:
+        if not isinstance(entry, dict):
+            continue
+        names = [os.path.basename(u) for u in expand_urls(entry.get("shards", ""))]
+        if not set(wanted) & set(names):
+            continue
+        if entry.get("incomplete"):
             return f"{meta_path}: split '{name}' is incomplete: {entry['incomplete']}"
+        for shard, n in zip(names, entry.get("shard_samples", [])):
+            path = wanted.get(shard)
+            if path and os.path.isfile(path) and int(n) * _MIN_SAMPLE_BYTES > os.path.getsize(path) + 10240:
+                return (f"{meta_path}: split '{name}' claims {int(n):,} samples in {shard}, which at "
+                        f"{os.path.getsize(path):,} bytes holds at most {os.path.getsize(path) // _MIN_SAMPLE_BYTES:,}: "
+                        "it does not describe these shards. Write it again with `ssl-container shards write`")
     return None
 
 
@@ -276,8 +305,7 @@ def count_samples_from_metadata(urls: Sequence[str]) -> int | None:
     meta_path = find_dataset_json(urls)
     if meta_path is None:
         return None
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_dataset_json(meta_path)
     wanted = [os.path.basename(local_path(u) or u) for u in urls]
     per_shard: dict[str, int] = {}
     whole_splits: dict[frozenset, int] = {}
