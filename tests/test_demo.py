@@ -118,3 +118,27 @@ def test_the_demo_never_replaces_earlier_outputs_without_overwrite(tmp_path, cap
     _clear_earlier_outputs(out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.md"]  # not the user's other files
     assert "replacing" in capsys.readouterr().out
+
+
+def test_refusals_of_demo_visualize_and_export_answer_before_torch_loads(tmp_path):
+    """`ssl-container demo` without --overwrite took 7.3 s to refuse; visualize with missing images and
+    export onto an existing folder likewise: each is now one line, exit 2, torch never imported."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "demo" / "export").mkdir(parents=True)
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "meta.json").write_text("{}")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    cases = [(["demo", "--out", str(tmp_path / "demo")], "already holds export"),
+             (["visualize", "container_light_narrow", "--images", str(tmp_path / "none.jpg")], "no such image"),
+             (["export", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "exp")], "already holds meta.json")]
+    for argv, said in cases:
+        code = ("import sys; from ssl_container.cli import main; rc = main(%r); "
+                "print('torch' in sys.modules); sys.exit(rc)" % argv)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert time.perf_counter() - t0 < 5
+        assert proc.returncode == 2 and said in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, argv
+        assert proc.stdout.strip() == "False", argv

@@ -71,7 +71,23 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a demo writes into --out; an earlier demo's are replaced only with --overwrite.
+DEMO_OUTPUTS = ("pretrain", "export", "pictures.png", "demo.json")
+
+
+def demo_outputs_refusal(out_dir: Path, overwrite: bool) -> str | None:
+    found = [name for name in DEMO_OUTPUTS if (out_dir / name).exists()]
+    if not found or overwrite:
+        return None
+    return (f"{out_dir} already holds {', '.join(found)} (an earlier demo, or a run of your own): pass --overwrite "
+            "to replace them, or --out NEW_FOLDER; nothing was changed")
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    refusal = demo_outputs_refusal(Path(args.out), args.overwrite)
+    if refusal:  # before torch loads: the answer comes at once
+        print(f"ssl-container demo: {refusal}", file=sys.stderr)
+        return 2
     print(f"[demo] starting: loading PyTorch, then the data (output in {args.out})", flush=True)  # torch takes seconds
     from ssl_container.cli.demo import run_from_args
 
@@ -132,6 +148,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_visualize(args: argparse.Namespace) -> int:
+    missing = [p for p in args.images if not Path(p).exists()]
+    if missing:  # before torch loads
+        print(f"ssl-container visualize: no such image or folder: {missing[0]}"
+              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), file=sys.stderr)
+        return 2
     from ssl_container.downstream.visualize import draw, describe, load_backbone_or_model, load_images
 
     try:

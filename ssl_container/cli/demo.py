@@ -31,7 +31,7 @@ from PIL import Image
 
 from eval.features import make_loader, resolve_data
 from eval.protocol import KNN_K, floors, knn_eval, load_split
-from ssl_container.cli import add_demo_arguments, demo_recipe
+from ssl_container.cli import DEMO_OUTPUTS, add_demo_arguments, demo_outputs_refusal, demo_recipe
 from ssl_container.config import load_config
 from ssl_container.data.augment import EvalTransformConfig
 from ssl_container.data.shards import write_shards
@@ -209,7 +209,6 @@ def draw_pictures(found: dict[str, Any], teacher: torch.nn.Module, random_backbo
                              "(the network takes any side divisible by 32).")
 
 
-OUTPUTS = ("pretrain", "export", "pictures.png", "demo.json")  # what a demo writes into --out
 
 
 class DemoOutputExists(RuntimeError):
@@ -220,13 +219,11 @@ def _clear_earlier_outputs(out_dir: Path, overwrite: bool) -> None:
     """Each demo trains from scratch, so an earlier demo's outputs are in the way. They are replaced only
     with ``--overwrite`` (and only those names: anything else in ``out_dir`` stays); otherwise refused
     before anything is written."""
-    found = [out_dir / name for name in OUTPUTS if (out_dir / name).exists()]
+    found = [out_dir / name for name in DEMO_OUTPUTS if (out_dir / name).exists()]
     if not found:
         return
     if not overwrite:
-        raise DemoOutputExists(
-            f"{out_dir} already holds {', '.join(p.name for p in found)} (an earlier demo, or a run of your own): "
-            f"pass --overwrite to replace them, or --out NEW_FOLDER; nothing was changed")
+        raise DemoOutputExists(demo_outputs_refusal(out_dir, overwrite))
     for path in found:
         print(f"[demo] --overwrite: replacing {path}", flush=True)
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
