@@ -154,20 +154,20 @@ def _train_options(opts: JobOptions, cfg: Any) -> JobOptions:
     return opts
 
 
-def _run_folder_notes(cfg: Any, world_size: int, refuse: bool) -> list[str]:
+def _run_folder_notes(cfg: Any, world_size: int, refuse: bool, dry_run: bool = False) -> list[str]:
     """What an existing run folder means for this submission: the trainer's own resume plan (the
     checkpoint it continues from, the config changes, a carried position, or why it would refuse).
     With ``refuse``, a plan the trainer would refuse stops the submission here, before a job waits in
-    the queue only to fail at its start."""
+    the queue only to fail at its start; a dry run says so the same way (exit 2), as its verdict."""
     run_dir = Path(cfg.run_dir)
     if not (run_dir / "checkpoints").is_dir():
         return []
     from ssl_container.trainer.resume import preview  # reads checkpoints: loads torch
 
     plan = preview(cfg, world_size)
-    if refuse and plan.refused is not None:
-        raise LaunchError(f"{plan.refused} (the trainer would refuse this resume at its start; nothing was submitted; "
-                          "--force submits anyway)")
+    if plan.refused is not None and (refuse or dry_run):
+        raise LaunchError(f"{plan.refused} (the trainer would refuse this resume at its start; nothing was submitted"
+                          + ("" if dry_run else "; --force submits anyway") + ")")
     return plan.describe()
 
 
@@ -220,8 +220,9 @@ def submit_train(config: str | Path | None = None, overrides: Sequence[str] = ()
     run_dir = Path(cfg.run_dir)
     job_folder = Path(folder).resolve() if folder else run_dir / "submitit" / "%j"
     job_name = f"dino-{run_dir.name}"
-    sub = Submission("train", mode, job_folder, [run_dir], world_size=opts.world_size, 
-                     notes=_run_folder_notes(cfg, opts.world_size, refuse=mode != "dry-run" and not force))
+    sub = Submission("train", mode, job_folder, [run_dir], world_size=opts.world_size,
+                     notes=_run_folder_notes(cfg, opts.world_size, refuse=mode != "dry-run" and not force,
+                                                            dry_run=mode == "dry-run" and not force))
     if mode == "dry-run":
         sub.notes.append(f"each of the {opts.world_size} task(s) would run: ssl_container.train.train(cfg), "
                          f"run_dir={run_dir}" + (f", environment {opts.env}" if opts.env else ""))
@@ -322,7 +323,8 @@ def submit_sweep(config: str | Path | None, overrides: Sequence[str], members: S
     job_name = f"dino-sweep-{root.name}"
     sub = Submission("sweep", mode, job_folder, [Path(d) for d in dirs], members=infos, world_size=opts.world_size)
     for cfg in cfgs:
-        sub.notes += _run_folder_notes(cfg, opts.world_size, refuse=mode != "dry-run" and not force)
+        sub.notes += _run_folder_notes(cfg, opts.world_size, refuse=mode != "dry-run" and not force,
+                                       dry_run=mode == "dry-run" and not force)
     if mode == "dry-run":
         sub.script = _dry_run_script(job_folder, opts, job_name, array_size=len(cfgs))
         return sub

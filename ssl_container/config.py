@@ -356,7 +356,23 @@ def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, A
     # A key the saved config does not hold is one an older version did not have: it ran with the default.
     defaults = flatten_config(config_to_dict(TrainConfig()))
     return [(k, old.get(k, defaults.get(k)), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k, defaults.get(k)) != new.get(k)]
+            if _comparable(k, old.get(k, defaults.get(k))) != _comparable(k, new.get(k))]
+
+
+# Keys holding file paths: a relative and an absolute path to the same file are the same value.
+_PATH_KEYS = ("run_dir", "data.urls", "monitor.train_urls", "monitor.val_urls")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key not in _PATH_KEYS or value is None:
+        return value
+
+    def one(v: Any) -> Any:
+        if not isinstance(v, str) or "://" in v or v.startswith("pipe:"):
+            return v
+        return os.path.realpath(os.path.expanduser(v))
+
+    return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
 
 
 def changes_state(key: str) -> bool:

@@ -1,8 +1,8 @@
 """``ssl-container study``: pretrain a list of backbones (arms) under one DINO recipe, budget and set of
 seeds, evaluate each with the project's own protocols, and report them side by side.
 
-    ssl-container study --config configs/study_imagenette.yaml [--arms a,b] [--seeds 0] [key=value ...]
-    ssl-container study --config configs/study_imagenet.yaml --slurm        (one Slurm job array)
+    ssl-container study --config configs/studies/imagenette.yaml [--arms a,b] [--seeds 0] [key=value ...]
+    ssl-container study --config configs/studies/imagenet.yaml --slurm        (one Slurm job array)
     python -m study ...                                                     (the same)
 
 An app beside ``eval/`` and ``launch/``: it builds on the library, the evaluations and the launcher,

@@ -21,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/study.md and OUT/study.png. Every arm is an ordinary run folder (OUT/runs/ARM_seedS): a "
                     "stopped study resumes where it stopped, finished arms are kept.",
         epilog="examples:\n"
-               "  ssl-container study --config configs/study_imagenette.yaml --dry-run\n"
-               "  ssl-container study --config configs/study_imagenette.yaml --arms container_light,vit --seeds 0\n"
-               "  ssl-container study --config configs/study_imagenet.yaml --slurm slurm.options.partition=gpu\n"
-               "  ssl-container study --config configs/study_imagenet.yaml     (after the array: evaluate, report)\n",
+               "  ssl-container study --config configs/studies/imagenette.yaml --dry-run\n"
+               "  ssl-container study --config configs/studies/imagenette.yaml --arms container_light,vit --seeds 0\n"
+               "  ssl-container study --config configs/studies/imagenet.yaml --slurm slurm.options.partition=gpu\n"
+               "  ssl-container study --config configs/studies/imagenet.yaml     (after the array: evaluate, report)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="study YAML (configs/study_*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the study config (steps=100, out=DIR, ...)")

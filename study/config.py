@@ -9,6 +9,7 @@ mistakes them for the shared recipe.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +151,7 @@ def load_study_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyC
                                f"{str(err).splitlines()[0]}") from None
     # The recipe is named relative to the study file (both live in configs/), or to the working folder.
     if not Path(cfg.recipe).is_absolute() and not Path(cfg.recipe).is_file() and (path.parent / cfg.recipe).is_file():
-        cfg.recipe = str(path.parent / cfg.recipe)
+        cfg.recipe = os.path.normpath(path.parent / cfg.recipe)
     return _check(cfg, str(path))
 
 

@@ -6,6 +6,7 @@ The same callables on a real Slurm cluster: tests/test_slurm_launch.py.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import socket
 import subprocess
@@ -110,7 +111,9 @@ def test_dry_run_lists_changes_against_the_config_the_checkpoint_was_trained_wit
     (run / "checkpoints" / "latest").write_text("step_00000010")
     # a submission rewrote config.yaml: it is not what the checkpoint was trained with
     (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(load_config(None, [f"run_dir={run}", "schedule.lr=9e-4"]))))
-    assert S.main([f"run_dir={run}", "schedule.lr=2e-4", "--dry-run"]) == 0
+    assert S.main([f"run_dir={run}", "schedule.lr=2e-4", "--dry-run"]) == 2  # refused: lr is saved state
+    assert "would change schedule.lr" in capsys.readouterr().err
+    assert S.main([f"run_dir={run}", "schedule.lr=2e-4", "checkpoint.allow_changes=[schedule.lr]", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "resumes from it" in out and f"({step / 'meta.json'})" in out and "schedule.lr: 0.0001 -> 0.0002" in out
     assert S.main([f"run_dir={run}", "schedule.lr=1e-4", "--dry-run"]) == 0
@@ -139,20 +142,27 @@ def test_dry_run_prints_the_trainers_resume_plan(tmp_path, capsys):
     run = tmp_path / "run"
     _fake_checkpoint(run, PLAN)
     base = [f"run_dir={run}", *PLAN, "--cpus-per-task", "1", "--dry-run"]
-    # A change the saved state depends on: refused, and why, before anything is queued.
-    assert S.main([*base, "data.batch_size=64"]) == 0
+    # A change the saved state depends on: one verdict, the refusal and why, exit 2 as a submission would.
+    assert S.main([*base, "data.batch_size=64"]) == 2
+    captured = capsys.readouterr()
+    assert "the job resumes from it" not in captured.out + captured.err and "#SBATCH" not in captured.out
+    assert "would change data.batch_size" in captured.err and "checkpoint.allow_changes=[data.batch_size]" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    # The same shards by a relative path from here and by an absolute one: no change at all.
+    saved = next(o for o in PLAN if o.startswith("data.urls="))
+    absolute = saved.split("=", 1)[1].strip("[]")
+    relative = os.path.relpath(absolute)
+    assert S.main([*[o for o in base if not o.startswith("data.urls=")], f"data.urls=[{relative}]"]) == 0
     out = capsys.readouterr().out
-    assert "has checkpoint step_00000010: the job resumes from it" in out
-    assert "data.batch_size: 32 -> 64" in out
-    assert "the resume is refused: resuming" in out and "checkpoint.allow_changes=[data.batch_size]" in out
+    assert "the job resumes from it" in out and "config changes" not in out
     # Accepted: 10 steps of 32 = 320 samples read (160 per stream), 704 left = 11 steps of 64 of the epoch's 16.
     assert S.main([*base, "data.batch_size=64", "checkpoint.allow_changes=[data.batch_size]"]) == 0
     out = capsys.readouterr().out
     assert ("samples per step 32 -> 64 (checkpoint.allow_changes): step 10 goes on at the schedules' step 5, "
             "each data stream from sample position [160, 160]") in out
     assert "refused" not in out
-    assert S.main([*base, "checkpoint.resume=false"]) == 0
-    assert "holds checkpoints (step_00000010 .. step_00000010) and checkpoint.resume=false" in capsys.readouterr().out
+    assert S.main([*base, "checkpoint.resume=false"]) == 2
+    assert "holds checkpoints (step_00000010 .. step_00000010) and checkpoint.resume=false" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"], "a dry run writes nothing"
 
 

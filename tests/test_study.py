@@ -125,12 +125,12 @@ def test_study_refusals_and_dry_runs(tmp_path):
 
 
 def test_the_paper_setting_is_one_command_away():
-    plan = _run("--config", "configs/study_imagenet.yaml", "--dry-run").stdout
+    plan = _run("--config", "configs/studies/imagenet.yaml", "--dry-run").stdout
     assert "container_light_seed0" in plan and "deit_s_seed0" in plan and "vit_small_patch16_224" in plan
-    script = _run("--config", "configs/study_imagenet.yaml", "--slurm", "--dry-run").stdout
+    script = _run("--config", "configs/studies/imagenet.yaml", "--slurm", "--dry-run").stdout
     for line in ("#SBATCH --array=0-1", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8"):
         assert line in script
-    cpu = _run("--config", "configs/study_imagenette.yaml", "--dry-run").stdout
+    cpu = _run("--config", "configs/studies/imagenette.yaml", "--dry-run").stdout
     assert "2720 steps per unit (85 recipe epochs)" in cpu
 
 

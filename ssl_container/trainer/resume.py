@@ -41,8 +41,11 @@ class ResumePlan:
 
     def describe(self) -> list[str]:
         """The plan in a few lines (``ssl-container launch --dry-run`` prints them)."""
+        if self.refused is not None:  # one verdict: the refusal, not a resume that will not happen
+            where = f"{self.checkpoint.parent.parent} has checkpoint {self.checkpoint.name}, but " if self.checkpoint else ""
+            return [f"{where}the resume is refused: {self.refused}"]
         if self.checkpoint is None:
-            return [] if self.refused is None else [f"the resume is refused: {self.refused}"]
+            return []
         lines = [f"{self.checkpoint.parent.parent} has checkpoint {self.checkpoint.name}: the job resumes from it"]
         if self.changes:
             lines.append(f"config changes against the config the run was trained with ({self.reference}): "
@@ -52,8 +55,6 @@ class ResumePlan:
                          f"{self.state.step} goes on at the schedules' step {self.state.step - self.state.schedule_shift}"
                          + (f", each data stream from sample position {self.state.data_base['positions']}"
                             if self.state.data_base else ""))
-        if self.refused is not None:
-            lines.append(f"the resume is refused: {self.refused}")
         return lines
 
 
