@@ -7,6 +7,8 @@ from ssl_container.utils.lazy import lazy_exports
 
 _WHERE = {
     "BadDataError": "sources",
+    "DatasetInfo": "sources",
+    "dataset_info": "sources",
     "EvalTransformConfig": "config",
     "MultiCropConfig": "config",
     "TrainDataConfig": "config",

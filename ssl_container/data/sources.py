@@ -13,6 +13,7 @@ import os
 import re
 import tarfile
 import time
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 from urllib.parse import urlparse
 
@@ -319,3 +320,53 @@ def count_samples_from_metadata(urls: Sequence[str]) -> int | None:
     if all(w in per_shard for w in wanted):
         return sum(per_shard[w] for w in wanted)
     return None
+
+
+@dataclass
+class DatasetInfo:
+    """What a shard set's dataset.json says, in the terms a training script needs (``dataset_info``)."""
+
+    root: str
+    classes: list[str]
+    splits: dict[str, dict]  # name -> its dataset.json entry
+    held_out: str | None  # 'val' where the set has one, else 'test', else its only split besides 'train'
+    image_key: str  # webdataset's key for the image member: "jpg", "png" or "jpg;png"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def urls(self, split: str) -> list[str]:
+        if split not in self.splits:
+            raise ValueError(f"{self.root}: no split {split!r}; its dataset.json lists {sorted(self.splits)}")
+        return [os.path.join(self.root, u) for u in expand_urls(self.splits[split]["shards"])]
+
+    def num_shards(self, split: str) -> int:
+        return len(self.urls(split))
+
+
+def dataset_info(root: str | os.PathLike) -> DatasetInfo:
+    """A shard set written by ``ssl-container shards write`` (or ../shared/data), read from its dataset.json:
+    shard URLs per split, class names, the held-out split and the image extensions its samples use (from
+    the first members of the first shard), so one script runs on any such set."""
+    root = os.fspath(root)
+    meta_path = os.path.join(root, "dataset.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{root}: no dataset.json (a folder written by `ssl-container shards write`)")
+    meta = read_dataset_json(meta_path)
+    splits = meta.get("splits", {})
+    held = next((s for s in ("val", "test") if s in splits), None)
+    if held is None and len([s for s in splits if s != "train"]) == 1:
+        held = next(s for s in splits if s != "train")
+    exts: list[str] = []
+    first = next((u for s in splits.values() for u in expand_urls(s["shards"])), None)
+    if first is not None:
+        with tarfile.open(os.path.join(root, first)) as tf:
+            for i, member in enumerate(tf):
+                ext = member.name.rsplit(".", 1)[-1]
+                if ext.lower() in IMAGE_EXTS and ext not in exts:
+                    exts.append(ext)
+                if i >= 200:
+                    break
+    return DatasetInfo(root=root, classes=list(meta.get("classes") or []), splits=splits, held_out=held,
+                       image_key=";".join(exts) or "jpg")
