@@ -7,3 +7,8 @@
 * ``eval.plots``     the PNG figures of the results
 * ``eval.detection`` detection transfer (``python -m eval.detection``)
 """
+import logging as _logging
+
+# faiss logs "Could not load library with AVX512 support ... ModuleNotFoundError" at INFO while it picks
+# its best build: routine, but it reads like an error under an INFO log level. Its loader speaks at WARNING.
+_logging.getLogger("faiss.loader").setLevel(_logging.WARNING)

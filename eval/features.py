@@ -528,7 +528,9 @@ def setup_from_args(args: argparse.Namespace) -> EvalContext:
             raise SystemExit(f"--out {out}: cannot write there (read-only or no permission); choose another folder")
     elif args.weights:
         w = Path(args.weights)
-        out = (w if w.is_dir() else w.parent) / "eval"
+        # An export folder is what gets uploaded whole (Hub, local-dir:): results go beside it, not into it.
+        out = w.with_name(f"{w.name}_eval") if (w / "backbone.safetensors").is_file() else \
+            (w if w.is_dir() else w.parent) / "eval"
         if not _writable(out):  # a colleague's read-only run folder: the results still get written, here
             fallback = Path("eval_outputs") / (w if w.is_dir() else w.parent).name
             log.warning("%s is not writable: results go to %s instead (--out chooses)", out, fallback)

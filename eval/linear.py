@@ -275,6 +275,12 @@ def train_linear_grid(train: Mapping[str, np.ndarray | torch.Tensor], train_labe
                          **({} if ok else {"diverged": True})})
     # best on validation; ties: the smaller feature, then the smaller lr (deterministic)
     best = max(rows, key=lambda r: (r["val_top1"], r["val_top5"], -r["dim"], -r["lr"]))
+    edge = None
+    if len(lrs) > 1 and best["base_lr"] in (min(cfg.lrs), max(cfg.lrs)):
+        side = "largest" if best["base_lr"] == max(cfg.lrs) else "smallest"
+        edge = (f"the best head has the {side} learning rate of the grid ({best['base_lr']}): a rate beyond it may "
+                f"do better; extend the grid with --lrs")
+        log.warning("linear grid: %s", edge)
     return {
         "protocol": "linear heads on frozen features: SGD momentum 0.9, wd 0, cosine per epoch, N(0, 0.01) init; "
                     "best head on a validation split",
@@ -283,7 +289,7 @@ def train_linear_grid(train: Mapping[str, np.ndarray | torch.Tensor], train_labe
         "config": {**asdict(cfg), "lrs": list(cfg.lrs), "effective_lrs": lrs, "world_size": world,
                    "steps_per_epoch": steps_per_epoch},
         "num_train": n, "num_val": len(y_va), "num_test": None if yt is None else len(yt),
-        "num_classes": num_classes, "seconds": round(train_s, 2),
+        "num_classes": num_classes, "seconds": round(train_s, 2), "grid_edge_warning": edge,
         "_heads": heads,  # removed before JSON
     }
 

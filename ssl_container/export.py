@@ -606,7 +606,8 @@ def model_card(meta: Mapping[str, Any]) -> str:
     evaluated, how to load it."""
     name = meta["model"]["name"]
     evals = meta.get("eval") or {}
-    rows = "\n".join(f"| {k} | {v} |" for k, v in evals.items()) or "| (none recorded) | |"
+    rows = "\n".join(f"| {k} | {round(v, 2) if isinstance(v, float) else v} |" for k, v in evals.items()) \
+        or "| (none recorded) | |"
     size = (meta.get("resolution") or {}).get("trained")
     trained = f", trained at {size}x{size} px" if size else ""
     floors = ("The floors rows are the same protocol on a randomly initialised network of the same architecture "

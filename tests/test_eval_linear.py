@@ -177,3 +177,16 @@ def test_cli_grid_on_precomputed_features(tmp_path, data):
     doc = json.loads((tmp_path / "o" / "linear.json").read_text())
     assert doc["mode"] == "grid" and len(doc["heads"]) == 2 and doc["best"]["test_top1"] > 50
     assert (tmp_path / "o" / "linear.png").stat().st_size > 1000
+
+
+def test_a_best_learning_rate_at_the_edge_of_the_grid_is_said(data, caplog):
+    """The grid picked its largest lr while accuracy still rose, without a word."""
+    xtr, ytr, _, _ = data
+    cfg = GridConfig(lrs=(1e-3, 3e-3, 1e-2), epochs=1, batch_size=64, holdout=0.1, seed=0)
+    with caplog.at_level("WARNING", logger="eval.linear"):
+        res = train_linear_grid({"f": xtr}, ytr, cfg=cfg, num_classes=5)
+    assert res["best"]["base_lr"] == 1e-2, res["heads"]
+    assert "largest learning rate of the grid (0.01)" in res["grid_edge_warning"] and "--lrs" in caplog.text
+    inner = GridConfig(lrs=(1e-3, 0.4, 100.0), epochs=2, batch_size=64, holdout=0.1, seed=0)
+    res = train_linear_grid({"f": xtr}, ytr, cfg=inner, num_classes=5)
+    assert res["best"]["base_lr"] == 0.4 and res["grid_edge_warning"] is None

@@ -110,7 +110,8 @@ def test_a_truncated_image_in_a_folder_is_skipped_and_a_read_only_run_folder_sti
     exported = export(tmp_path / "w.safetensors", tmp_path / "ro" / "export", model_name="container_light_narrow")
     # The folder read-only as a colleague sees it (root may write anywhere, so its access check is faked).
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(exported)) and mode & os.W_OK
+    ro = str(tmp_path / "ro")
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(ro) and mode & os.W_OK
                         else real_access(p, mode))
     monkeypatch.chdir(tmp_path)
     rc = main(["--weights", str(exported), "--train-folder", str(tmp_path / "imgs" / "train"),
@@ -119,3 +120,9 @@ def test_a_truncated_image_in_a_folder_is_skipped_and_a_read_only_run_folder_sti
     assert rc == 0
     doc = json.loads((tmp_path / "eval_outputs" / "export" / "knn.json").read_text())
     assert doc["num_train"] == 6 and doc["num_test"] == 6, doc  # the truncated one skipped, the rest kept
+    assert not (exported / "eval").exists()  # an export folder (uploaded whole) never receives results
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--weights", str(exported), "--train-folder", str(tmp_path / "imgs" / "train"), "--val-folder",
+                 str(tmp_path / "imgs" / "val"), "--no-cache", "--ks", "1", "--resize", "64", "--crop", "64"]) == 0
+    assert (tmp_path / "ro" / "export_eval" / "knn.json").is_file() and not (exported / "eval").exists()
