@@ -37,6 +37,9 @@ def _check_report(out, proc, data, n_test):
     with Image.open(out / "pictures.png") as im:  # 4 images x (image, 2 PCA, 4 heads) for 2 models
         assert im.format == "PNG" and im.size[0] > 2 * im.size[1]
     assert report["pictures"] == str(out / "pictures.png")  # absolute even when --out was relative
+    with Image.open(out / "retrieval.png") as im:  # 8 queries x (1 + 3 x 5 neighbours)
+        assert im.format == "PNG" and im.size[0] > im.size[1]
+    assert report["retrieval"] == str(out / "retrieval.png")
     assert report["export"] == str(out / "export")
     return report
 

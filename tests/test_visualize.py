@@ -183,3 +183,37 @@ def test_with_a_reference_an_object_touching_the_border_is_the_foreground_and_co
     for changed in (-maps, maps[:, [2, 0, 5, 1, 4, 3]]):  # signs flipped, channels permuted: other PCA signs
         other, other_fg = pca_rgb(changed, reference=ref)
         assert (other_fg == fg).all() and np.allclose(other, rgb, atol=1e-5)
+
+
+def test_transparent_drawings_are_composited_on_white(tmp_path):
+    """visualize flattened transparent PNGs onto black; the demo trained on drawings on white."""
+    from PIL import Image
+
+    from ssl_container.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from ssl_container.downstream.visualize import load_images
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = (200, 30, 30, 255)  # an opaque red square on a fully transparent (black) ground
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "drawing.png")
+    images, _ = load_images([tmp_path / "drawing.png"], size=64)
+    corner = images[0, :, 2, 2] * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)
+    centre = images[0, :, 32, 32] * torch.tensor(IMAGENET_STD) + torch.tensor(IMAGENET_MEAN)
+    assert torch.allclose(corner, torch.ones(3), atol=0.02)  # white, not black
+    assert torch.allclose(centre, torch.tensor([200, 30, 30]) / 255, atol=0.02)
+
+
+def test_the_retrieval_grid_shows_the_k_nn_search(tmp_path):
+    from ssl_container.downstream.visualize import nearest, retrieval_grid
+
+    g = torch.Generator().manual_seed(0)
+    ref_feats, q_feats = torch.randn(30, 8, generator=g), torch.randn(4, 8, generator=g)
+    idx = nearest(q_feats.numpy(), ref_feats.numpy(), k=3)
+    sims = torch.nn.functional.normalize(q_feats, dim=1) @ torch.nn.functional.normalize(ref_feats, dim=1).T
+    assert (idx == sims.topk(3, dim=1).indices.numpy()).all()
+    ref_labels, q_labels = np.arange(30) % 3, np.arange(4) % 3
+    out = retrieval_grid(torch.randn(4, 3, 32, 32), q_labels, torch.randn(30, 3, 32, 32), ref_labels,
+                         {"a": idx, "b": idx[:, ::-1].copy()}, tmp_path / "r.png", title="t", class_names=["x", "y", "z"])
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1]

@@ -73,7 +73,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 # What a demo writes into --out; an earlier demo's are replaced only with --overwrite.
-DEMO_OUTPUTS = ("pretrain", "export", "pictures.png", "demo.json")
+DEMO_OUTPUTS = ("pretrain", "export", "pictures.png", "retrieval.png", "demo.json")
 
 
 def demo_outputs_refusal(out_dir: Path, overwrite: bool) -> str | None:
@@ -164,8 +164,9 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         return 2
     pictures = describe(model, images)
     out = Path(args.out)
-    written = [draw([pictures.select([i])], out / f"{i:02d}_{f.stem}.png") for i, f in enumerate(files)]
-    grid = draw([pictures], out / "grid.png")
+    title = f"{args.weights}{f' ({args.which})' if args.which else ''}, drawn at {args.size} px"
+    written = [draw([pictures.select([i])], out / f"{i:02d}_{f.stem}.png", title=title) for i, f in enumerate(files)]
+    grid = draw([pictures], out / "grid.png", title=title)
     heads = "no attention (the model does not attend)" if pictures.attention is None else \
         f"attention of {pictures.attention.shape[1]} heads"
     print(f"visualize: {len(files)} images at {args.size} px, PCA of {', '.join(pictures.pca)} and {heads}: "

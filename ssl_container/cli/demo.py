@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from eval.features import make_loader, resolve_data
-from eval.protocol import KNN_K, floors, knn_eval, load_split
+from eval.protocol import KNN_K, EvalSplit, RawPixels, embed, floors, knn_eval, load_split
 from ssl_container.cli import DEMO_OUTPUTS, add_demo_arguments, demo_outputs_refusal, demo_recipe
 from ssl_container.config import load_config
 from ssl_container.data.augment import EvalTransformConfig
@@ -38,7 +39,7 @@ from ssl_container.data.shards import write_shards
 from ssl_container.export import export, load_backbone
 from ssl_container.models import create_model
 from ssl_container.train import train
-from ssl_container.downstream.visualize import visualize
+from ssl_container.downstream.visualize import nearest, retrieval_grid, visualize
 
 IMAGE_SIZE = 64  # evaluation resolution, the global-crop size of the recipe
 PICTURE_SIZE, PICTURE_IMAGES = 224, 4  # any side divisible by 32: 224 gives 14 x 14 at stage 3, 7 x 7 at stage 4
@@ -211,6 +212,21 @@ def draw_pictures(found: dict[str, Any], teacher: torch.nn.Module, random_backbo
 
 
 
+def draw_retrieval(found: dict[str, Any], meta: dict[str, Any], reference, held_out, teacher: torch.nn.Module,
+                   random_backbone: torch.nn.Module, path: Path, queries: int = 8, k: int = 5) -> Path:
+    """What the k-NN rows measure, as a picture: one held-out image of each of the first classes, with its
+    nearest training images (at the k-NN's resolution) under the teacher, random init and raw pixels."""
+    labels = held_out.labels
+    picks = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)[:queries]]
+    sub = EvalSplit(held_out.name, held_out.images[picks], labels[picks], held_out.resolution)
+    neighbours = {name: nearest(embed(model, sub), embed(model, reference), k)
+                  for name, model in (("DINO teacher", teacher), ("random init", random_backbone),
+                                      ("raw pixels", RawPixels()))}
+    return retrieval_grid(sub.images, sub.labels, reference.images, reference.labels, neighbours, path,
+                          title=f"Nearest training images of held-out {found['name']} images ({IMAGE_SIZE} px, "
+                                f"cosine, as the k-NN rows)", class_names=meta.get("classes"))
+
+
 class DemoOutputExists(RuntimeError):
     pass
 
@@ -267,6 +283,9 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
     pictures = draw_pictures(found, teacher, random_backbone, out_dir / "pictures.png")
     print(f"[demo] pictures: PCA of the feature maps and the stage-4 attention of {PICTURE_IMAGES} held-out images, "
           f"pretrained beside random init: {pictures}", flush=True)
+    retrieval = draw_retrieval(found, meta, reference, held_out, teacher, random_backbone, out_dir / "retrieval.png")
+    print(f"[demo] retrieval: held-out images and their nearest training images under the teacher, random init and "
+          f"raw pixels: {retrieval}", flush=True)
 
     print("[demo] 3/3 export of the teacher backbone", flush=True)
     export_dir = export(pretrain_dir, out_dir / "export", "teacher", overwrite=True,
@@ -283,7 +302,7 @@ def run_demo(data: str | None = None, out: str = "runs/demo", steps: int | None 
         "knn_train_images": len(reference), "knn_test_images": len(held_out), "knn_resolution": IMAGE_SIZE,
         # absolute, so the report is usable from any working directory
         "export": str(Path(export_dir).resolve()), "curves": summary.get("curves") and str(Path(summary["curves"]).resolve()),
-        "pictures": str(Path(pictures).resolve()),
+        "pictures": str(Path(pictures).resolve()), "retrieval": str(Path(retrieval).resolve()),
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
     (out_dir / "demo.json").write_text(json.dumps(report, indent=1))

@@ -130,9 +130,16 @@ def open_image(data: bytes, max_image_pixels: int | None = None) -> Image.Image:
 
 
 def load_rgb(img: Image.Image) -> Image.Image:
+    """The decoded image as RGB. Transparent pixels are composited on white (what a viewer shows for a
+    drawing or a logo): a plain conversion would keep whatever colour they hold, usually black."""
     try:
         img.load()
-        return img if img.mode == "RGB" else img.convert("RGB")
+        if img.mode == "RGB":
+            return img
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return img.convert("RGB")
     except Exception as exn:
         raise BadImageError("corrupt_image", f"{type(exn).__name__}: {exn}") from exn
 

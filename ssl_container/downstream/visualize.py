@@ -35,7 +35,7 @@ from ssl_container.data.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransfor
 from ssl_container.models.affinity import ContextAggregation, MixedAffinity
 
 __all__ = ["Pictures", "load_backbone_or_model", "pca_basis", "pca_rgb", "feature_maps", "attention_maps", "describe", "draw",
-           "load_images", "visualize"]
+           "load_images", "nearest", "retrieval_grid", "visualize"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -372,3 +372,59 @@ def visualize(model: nn.Module | Sequence[nn.Module], images: torch.Tensor, out:
     """Draw :func:`describe` of one model (or several side by side) for ``images`` into ``out`` (PNG)."""
     models = [model] if isinstance(model, nn.Module) else list(model)
     return draw([describe(m, images, stages) for m in models], out, titles, title=title, caption=caption)
+
+
+def nearest(query_features: np.ndarray, reference_features: np.ndarray, k: int = 5) -> np.ndarray:
+    """(Q, k) indices of each query's ``k`` most cosine-similar reference rows (the k-NN protocol's search)."""
+    q = torch.nn.functional.normalize(torch.as_tensor(query_features, dtype=torch.float32), dim=1)
+    r = torch.nn.functional.normalize(torch.as_tensor(reference_features, dtype=torch.float32), dim=1)
+    return (q @ r.T).topk(k, dim=1).indices.numpy()
+
+
+def retrieval_grid(queries: torch.Tensor, query_labels: np.ndarray, reference: torch.Tensor,
+                   reference_labels: np.ndarray, neighbours: dict[str, np.ndarray], path: str | os.PathLike,
+                   title: str, class_names: Sequence[str] | None = None) -> Path:
+    """One PNG of what a k-NN accuracy measures: each held-out query (a row) beside its nearest reference
+    images under each representation (a column group), framed green where the neighbour's class is the
+    query's and red where it is not, with each group's share of green in its heading."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def rgb(t: torch.Tensor) -> np.ndarray:
+        return (t.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+    names = list(neighbours)
+    k = next(iter(neighbours.values())).shape[1]
+    n = len(queries)
+    cols = 1 + len(names) * k
+    fig, axes = plt.subplots(n, cols, figsize=(1.15 * cols + 0.6 * len(names), 1.2 * n + 1.0), squeeze=False)
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(rgb(queries[i]))
+        label = class_names[query_labels[i]] if class_names else str(query_labels[i])
+        ax.set_ylabel(label, fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+        for g, name in enumerate(names):
+            for j, idx in enumerate(neighbours[name][i]):
+                ax = axes[i, 1 + g * k + j]
+                ax.imshow(rgb(reference[idx]))
+                ax.set_xticks([]), ax.set_yticks([])
+                same = reference_labels[idx] == query_labels[i]
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#1a9850" if same else "#d73027")
+                    spine.set_linewidth(3)
+    axes[0, 0].set_title("held-out\nquery", fontsize=8)
+    for g, name in enumerate(names):
+        hits = float(np.mean(reference_labels[neighbours[name]] == query_labels[:, None]))
+        axes[0, 1 + g * k + k // 2].set_title(f"{name}\n{100 * hits:.0f} % same class", fontsize=8, fontweight="bold")
+    fig.suptitle(title, fontsize=10, fontweight="bold")
+    fig.text(0.5, 0.005, "green frame: the neighbour's class is the query's; red: another class", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.02, 1, 0.96))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
