@@ -128,6 +128,13 @@ def check(cmd: str, sandbox: Path | None = None) -> str:
             assert code == 0, f"{cmd} --dry-run failed:\n{text}"
             assert "#SBATCH" in text, text
             return "--dry-run (the sbatch script rendered, nothing submitted)"
+        if sub == "study":
+            from study.cli import main as study_main
+
+            rest = [a for a in args[1:] if a != "--dry-run"]
+            code, text = _quiet(study_main, [*rest, "--dry-run"])
+            assert code == 0, f"{cmd} --dry-run failed:\n{text}"
+            return "--dry-run (the plan, or with --slurm the array's sbatch script)"
         build_parser().parse_args(args)
         return "ssl-container's parser"
     raise AssertionError(f"README command without a check: {cmd!r} — run it in a test, check it here, or add it to COVERED")
