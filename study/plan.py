@@ -91,7 +91,7 @@ def unit_status(cfg: StudyConfig, unit: Unit, plan: dict[str, int | None], overr
             result = json.loads(unit.result_path.read_text())
         except ValueError:
             result = {}
-        if result.get("plan_digest") == plan_digest(cfg, unit, overrides):
+        if result.get("complete") and result.get("plan_digest") == plan_digest(cfg, unit, overrides):
             return {"state": "done", "steps": steps}
     if plan["steps"] is not None and steps >= plan["steps"]:
         return {"state": "trained", "steps": steps}

@@ -110,6 +110,15 @@ def test_a_tiny_study_writes_every_figure_and_resumes(tmp_path):
     assert again.stdout.count(": done, kept") == 2 and "training" not in again.stdout
     assert (light.run_dir / "metrics.jsonl").read_text() == before
 
+    # A unit stopped during its evaluation (its curve saved, the transfer not): evaluated again, not trained.
+    resnet = units[1]
+    partial = json.loads(resnet.result_path.read_text())
+    partial["complete"] = False
+    resnet.result_path.write_text(json.dumps(partial))
+    third = _run("--config", str(config))
+    assert "resnet_seed0 (resnet18): evaluating" in third.stdout and "training" not in third.stdout
+    assert json.loads(resnet.result_path.read_text())["complete"] is True
+
 
 def test_study_refusals_and_dry_runs(tmp_path):
     config = _study(tmp_path)
