@@ -45,6 +45,7 @@ import re
 import shutil
 import signal
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -571,7 +572,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, size: int = 224, opse
     model.eval()
     path = Path(path)
     try:
-        with atomic_path(path) as tmp, torch.no_grad():
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+            # The trace turns the model's input-size check into a constant (its message says so); the
+            # dynamic axes below are what keep sizes free, so the warning tells a user nothing.
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(tmp), dynamo=False, opset_version=opset,
                               input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}})
