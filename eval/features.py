@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import shutil
 import time
 import uuid
@@ -150,7 +151,7 @@ def resolve_data(spec: str | os.PathLike | Sequence[str], split: str | None = No
     (brace patterns, lists), or an ImageFolder tree (``split`` sub-folder if it exists)."""
     from ssl_container.data.sources import count_samples_from_metadata, expand_urls
 
-    if isinstance(spec, (str, os.PathLike)) and not os.path.isdir(spec) and not _looks_like_shards(os.fspath(spec)):
+    if isinstance(spec, (str, os.PathLike)) and not os.path.exists(spec) and not _looks_like_shards(os.fspath(spec)):
         raise FileNotFoundError(f"{spec}: no such dataset folder (a folder with dataset.json, an ImageFolder tree) "
                                 "or shard pattern: check the path (make demo converts a dataset when ../shared is absent)")
     if isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec):
@@ -524,8 +525,9 @@ def setup_from_args(args: argparse.Namespace) -> EvalContext:
             device = torch.device("cuda", env.local_rank)
     if args.out:
         out = Path(args.out)
-        if not _writable(out):
-            raise SystemExit(f"--out {out}: cannot write there (read-only or no permission); choose another folder")
+        if not _writable(out):  # a refusal: one line, exit 2, like every other
+            print(f"--out {out}: cannot write there (read-only or no permission); choose another folder", file=sys.stderr)
+            raise SystemExit(2)
     elif args.weights:
         w = Path(args.weights)
         # An export folder is what gets uploaded whole (Hub, local-dir:): results go beside it, not into it.

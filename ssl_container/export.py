@@ -64,6 +64,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointRefused",
     "EXPORT_FORMAT",
+    "ExportStoppedAfterSwap",
     "export",
     "load_backbone",
     "read_checkpoint",
@@ -688,33 +689,52 @@ def export(
     for leftover in out.iterdir():  # temporaries of an export killed before this version swapped folders
         if re.fullmatch(r"\.(?:%s)\..+\.tmp" % "|".join(map(re.escape, EXPORT_FILES)), leftover.name):
             leftover.unlink()
-    staging = out.parent / f".{out.name}.export-staging"
+    # Beside the folder where it really lives (a link to another disk: os.replace cannot cross file systems).
+    staging = out.resolve().parent / f".{out.resolve().name}.export-staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         _write_export(staging, ckpt, model, name, arch_kwargs, include_head, eval_results, onnx)
-        with _signals_held():  # the swap: a stop signal waits the few milliseconds until it is done
-            for f in EXPORT_FILES:  # meta.json last: it is what marks a complete export
+        with _signals_deferred() as received:  # the swap: a stop signal waits the milliseconds until it is done
+            # meta.json marks a complete export: the old one goes first and the new one comes last, so a
+            # crash in between leaves a folder no reader takes for complete.
+            (out / "meta.json").unlink(missing_ok=True)
+            for f in EXPORT_FILES:
                 if (staging / f).exists():
                     os.replace(staging / f, out / f)
                 elif (out / f).exists():
                     os.unlink(out / f)  # stale: an ONNX graph or head of an earlier export into this folder
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if received:
+        raise ExportStoppedAfterSwap(received[0], out)
     return out
 
 
+class ExportStoppedAfterSwap(BaseException):
+    """A stop signal arrived while the new export was swapped in: it finished first, and is complete."""
+
+    def __init__(self, signum: int, out: Path) -> None:
+        self.signum, self.out = int(signum), out
+        super().__init__(f"stopped by {signal.Signals(signum).name} as the export was being swapped in: it finished "
+                         f"first, {out} holds the new export, complete")
+
+
 @contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
+def _signals_deferred() -> Iterator[list[int]]:
+    """SIGTERM / SIGINT only recorded inside the block (the list yielded), for the caller to act on after
+    it. Python runs signal handlers in the main thread whichever thread the kernel delivered to (torch's
+    threads do not block them), so the handlers are replaced, not the signal mask."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
-    held = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield received
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _write_export(out: Path, ckpt: Checkpoint, model: nn.Module, name: str, arch_kwargs: dict[str, Any],

@@ -24,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  ssl-container study --config configs/studies/imagenette.yaml --dry-run\n"
                "  ssl-container study --config configs/studies/imagenette.yaml --arms container_light,vit --seeds 0\n"
                "  ssl-container study --config configs/studies/imagenet.yaml --slurm slurm.options.partition=gpu\n"
-               "  ssl-container study --config configs/studies/imagenet.yaml     (after the array: evaluate, report)\n",
+               "  ssl-container study --config configs/studies/imagenet.yaml --no-train   (after the array: evaluate, report)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="study YAML (configs/study_*.yaml)")
+    p.add_argument("--config", required=True, help="study YAML (configs/studies/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the study config (steps=100, out=DIR, ...)")
     p.add_argument("--arms", default=None, help="comma-separated arm names: run only these (default: all)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: run only these (default: the study's)")
@@ -56,8 +56,8 @@ def _slurm(cfg, units, dry_run: bool) -> int:
         return 2
     print(sub.describe())
     if not dry_run:
-        print("when the array has finished, the same command without --slurm evaluates every trained unit "
-              "and writes the report")
+        print("when the array has finished: the same command without --slurm and with --no-train evaluates every "
+              "trained unit and writes the report (without --no-train, an unfinished unit would train here)")
     return 0
 
 
@@ -78,27 +78,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(describe_plan(cfg, units, plan))
             return 0
-    except (StudyConfigError, ConfigError, ValueError) as err:
+        _check_eval_data(cfg)  # a wrong path or split is refused now, not after the first unit trained
+    except (StudyConfigError, ConfigError, ValueError, FileNotFoundError) as err:
         print(f"ssl-container study: {err}", file=sys.stderr)
         return 2
     from study.report import write_report
     from study.runner import StudyError, run_units
 
     print(describe_plan(cfg, units, plan), flush=True)
+    failed = None
     try:
         run_units(cfg, units, plan, log=lambda m: print(m, flush=True), train=not args.no_train)
     except StudyError as err:
-        print(f"ssl-container study: {err}", file=sys.stderr)
+        failed = err
+    files = write_report(cfg, _current_results(cfg, plan))
+    print(f"study: {files['json']}, {files['md']}, {files['png']}")
+    if failed is not None:
+        print(f"ssl-container study: {failed}", file=sys.stderr)
         return 1
-    # The report covers every unit of the study that has a complete result, not only those run now.
+    return 0
+
+
+def _check_eval_data(cfg) -> None:
+    from eval.features import resolve_data
+
+    for data in (cfg.knn, cfg.transfer):
+        if data is not None:
+            for split in (data.reference_split, data.held_out_split):
+                resolve_data(data.path, split)
+
+
+def _current_results(cfg, plan) -> list[dict]:
+    """Every unit of the study with a complete result made under the current plan (not only the units run
+    now; a result of an earlier plan, other steps or another recipe, is left out of the comparison)."""
     import json
 
-    from study.plan import plan_units as all_units
+    from study.plan import plan_digest, plan_units, train_overrides
 
-    results = [json.loads(u.result_path.read_text()) for u in all_units(cfg) if u.result_path.is_file()]
-    files = write_report(cfg, [r for r in results if r.get("complete")])
-    print(f"study: {files['json']}, {files['md']}, {files['png']}")
-    return 0
+    out = []
+    for unit in plan_units(cfg):
+        if unit.result_path.is_file():
+            result = json.loads(unit.result_path.read_text())
+            if result.get("complete") and result.get("plan_digest") == plan_digest(
+                    cfg, unit, train_overrides(cfg, unit, plan)):
+                out.append(result)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A study's typed config: the arms, the one DINO recipe they share, the budget, the seeds and the
-evaluations. YAML (``configs/study_*.yaml``) + ``key=value`` overrides, validated by OmegaConf's
+evaluations. YAML (``configs/studies/*.yaml``) + ``key=value`` overrides, validated by OmegaConf's
 structured configs like the trainer's own config, so a typo fails before anything trains.
 
 An arm is a backbone (a model name and its constructor arguments) plus, only where the recipe cannot
@@ -124,7 +124,7 @@ def load_study_config(path: str | Path, overrides: Sequence[str] = ()) -> StudyC
 
     path = Path(path)
     if not path.is_file():
-        raise StudyConfigError(f"study config '{path}' does not exist; the studies are configs/study_*.yaml")
+        raise StudyConfigError(f"study config '{path}' does not exist; the studies are configs/studies/*.yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

@@ -50,7 +50,7 @@ def schedule(cfg: StudyConfig, world_size: int = 1) -> dict[str, int | None]:
     from ssl_container.data.stream import steps_per_epoch
 
     recipe = load_config(cfg.recipe, cfg.overrides)
-    iters = steps_per_epoch(data_config(recipe), world_size) // recipe.engine.grad_accum_steps
+    iters = max(1, steps_per_epoch(data_config(recipe), world_size) // recipe.engine.grad_accum_steps)
     every = cfg.curve_every_steps or math.ceil(cfg.steps / 4)
     return {"steps": cfg.steps, "epochs": max(1, math.ceil(cfg.steps / iters)), "every": every}
 

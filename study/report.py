@@ -116,7 +116,7 @@ def plot(cfg: StudyConfig, results: Sequence[dict[str, Any]], rows: Sequence[dic
                      color=color.get(r["arm"]), label=label)
         axes[1].plot([p["train_seconds"] / 60 for p in pts], [p["knn"] for p in pts], style, marker="o", ms=3,
                      color=color.get(r["arm"]), label=label)
-    if rows:
+    if rows and rows[0]["knn_pixels"] is not None:
         for ax in axes[:2]:
             ax.axhline(rows[0]["knn_pixels"], color="black", ls=":", lw=1, label="raw pixels")
     axes[0].set_xlabel("training steps")
@@ -138,7 +138,8 @@ def plot(cfg: StudyConfig, results: Sequence[dict[str, Any]], rows: Sequence[dic
                label="random init (same arm)")
     for i, r in enumerate(rows):
         ax.scatter([i - w / 2] * len(r["knn_per_seed"]), r["knn_per_seed"], marker="_", s=120, color="black", zorder=4)
-    ax.axhline(rows[0]["knn_pixels"] if rows else 0, color="black", ls=":", lw=1, label="raw pixels")
+    if rows and rows[0]["knn_pixels"] is not None:
+        ax.axhline(rows[0]["knn_pixels"], color="black", ls=":", lw=1, label="raw pixels")
     ax.set_xticks(list(x), [r["arm"] for r in rows], rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("final k-NN top-1 (%); dashes: each seed")
     ax.legend(fontsize=7)

@@ -91,9 +91,15 @@ def train_unit(cfg: StudyConfig, unit: Unit, overrides: list[str], log: Callable
         raise StudyError(f"{unit.key}: the trainer exited {rc}: {tail[0][-400:]} (whole log: {log_path})")
 
 
-def _step_dirs(run_dir: Path) -> list[Path]:
+def _step_dirs(run_dir: Path, every: int | None = None, last: int | None = None) -> list[Path]:
+    """Complete step folders; with ``every``, only the curve's points (multiples of it and the final step),
+    not the extra saves a stop signal or a failure made on the way."""
     root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file()) if root.is_dir() else []
+    found = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file()) if root.is_dir() else []
+    if every is None:
+        return found
+    final = max((int(p.name.split("_")[-1]) for p in found), default=0) if last is None else last
+    return [p for p in found if int(p.name.split("_")[-1]) % every == 0 or int(p.name.split("_")[-1]) == final]
 
 
 def _random_init(unit: Unit) -> torch.nn.Module:
@@ -145,7 +151,7 @@ def _detection(cfg: StudyConfig, unit: Unit, weights: Path, log: Callable[[str],
 
 
 def evaluate_unit(cfg: StudyConfig, unit: Unit, overrides: list[str], splits: Splits, floors: dict[str, Any],
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  plan: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """Every curve point's k-NN, the floors, the transfer and (if asked) detection; the partial result is
     saved after each piece so a stopped evaluation resumes where it was."""
     from ssl_container.config import load_config
@@ -163,7 +169,8 @@ def evaluate_unit(cfg: StudyConfig, unit: Unit, overrides: list[str], splits: Sp
                            **_size(unit, cfg.knn.resolution), "run_dir": str(unit.run_dir), "world_size": world,
                            "plan_digest": digest, "complete": False}
     curve = []
-    for step_dir in _step_dirs(unit.run_dir):
+    every = plan["every"]
+    for step_dir in _step_dirs(unit.run_dir, every, plan["steps"]):
         step = int(step_dir.name.split("_")[-1])
         if step not in done:
             top = splits.knn(load_backbone(step_dir, "teacher").to(_DEVICE), cfg.knn)
@@ -217,7 +224,8 @@ def run_units(cfg: StudyConfig, units: list[Unit], plan: dict[str, Any], log: Ca
     evaluated; returns the results of every unit that has one."""
     splits = Splits()
     floors: dict[str, Any] | None = None
-    results = []
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
     for i, unit in enumerate(units, 1):
         overrides = train_overrides(cfg, unit, plan)
         status = unit_status(cfg, unit, plan, overrides)
@@ -234,14 +242,22 @@ def run_units(cfg: StudyConfig, units: list[Unit], plan: dict[str, Any], log: Ca
             log(f"{head}: training {plan['steps'] or 'the recipe'} steps {start} "
                 f"(log: {Path(cfg.out) / 'logs' / (unit.key + '.log')})")
             t0 = time.perf_counter()
-            train_unit(cfg, unit, overrides, log)
+            try:
+                train_unit(cfg, unit, overrides, log)
+            except StudyError as err:  # an arm that diverges is a result too: say so, go on with the others
+                log(f"{head}: FAILED: {err}")
+                failed.append(str(err))
+                continue
             log(f"{head}: trained in {time.perf_counter() - t0:.0f} s")
         if floors is None:
             log("[study] decoding the evaluation splits and the raw-pixel floors")
             floors = _floors(cfg, splits)
         log(f"{head}: evaluating")
-        res = evaluate_unit(cfg, unit, overrides, splits, floors, log)
-        log(f"{head}: k-NN {res['knn']:.2f} % (random init {res['knn_random']:.2f}, raw pixels {res['knn_pixels']:.2f})"
+        res = evaluate_unit(cfg, unit, overrides, splits, floors, plan, log)
+        pixels = "-" if res["knn_pixels"] is None else f"{res['knn_pixels']:.2f}"
+        log(f"{head}: k-NN {res['knn']:.2f} % (random init {res['knn_random']:.2f}, raw pixels {pixels})"
             + (f"; {Path(res['transfer']['dataset']).name} {res['transfer']['knn']:.2f} %" if res["transfer"] else ""))
         results.append(res)
+    if failed:
+        raise StudyError(f"{len(failed)} unit(s) failed (the others are done and reported): " + "; ".join(failed))
     return results

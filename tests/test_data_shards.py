@@ -258,7 +258,7 @@ def test_an_interrupted_rewrite_leaves_the_old_set_or_a_refusal(image_folder, tm
     monkeypatch.undo()
     urls = json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"]
     cfg = load_config(None, [f"data.urls=[{out / urls}]"])
-    with pytest.raises(ConfigError, match="split 'train' is incomplete.*run the same command again"):
+    with pytest.raises(ConfigError, match="split 'train' is incomplete.*run that `shards write` again"):
         check_shards(cfg)
     with pytest.raises(ValueError, match="incomplete"):
         resolve_data(str(out), "train")
@@ -321,3 +321,32 @@ def test_a_broken_or_overclaiming_dataset_json_and_a_full_disk_are_one_line_each
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="claims 4,800,000 samples in train-000000.tar"):
         check_shards(load_config(None, [urls]))
+
+
+def test_an_in_place_reshuffle_stopped_mid_swap_is_finished_by_the_rerun(image_folder, tmp_path, monkeypatch):
+    """The rerun of an in-place reshuffle stopped while swapping read the mixed set as its source and removed
+    the staging folder that held the missing images."""
+    from ssl_container.data import shards as shards_mod
+
+    out = tmp_path / "set"
+    write_shards(str(image_folder), str(out), max_count=5, seed=0)
+    before = sorted(_samples(out).values())
+    pattern = str(out / json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"])
+    real_replace, moved = os.replace, {"n": 0}
+
+    def stop_mid_swap(src, dst):
+        if str(src).endswith(".tar") and ".staging" in str(src):
+            moved["n"] += 1
+            if moved["n"] == 2:
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(shards_mod.os, "replace", stop_mid_swap)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(pattern, str(out), max_count=4, seed=2)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="incomplete"):  # nobody reads the half-swapped set as a source ...
+        shards_mod.items_from_shards(pattern)
+    write_shards(pattern, str(out), max_count=4, seed=2)  # ... and the same command finishes it, then reshuffles
+    assert sorted(_samples(out).values()) == before and verify_shards(str(out)).ok
+    assert not [p for p in os.listdir(out) if p.startswith(".")]

@@ -526,3 +526,41 @@ def test_an_export_into_a_run_folder_is_refused_before_torch_loads(tmp_path):
         assert proc.returncode == 2 and "inside the run folder" in proc.stderr, proc.stderr
         assert proc.stdout.strip() == "False"
     assert (r["step_dir"] / "meta.json").read_bytes() == meta
+
+
+def test_a_stop_signal_during_the_swap_waits_for_it(tmp_path, monkeypatch, capsys):
+    """Python runs signal handlers in the main thread whichever thread the signal hit, so blocking it in the
+    main thread did not hold it: a SIGTERM mid-swap left new weights beside the old meta.json."""
+    import signal as _signal
+
+    import ssl_container.export as export_mod
+    from ssl_container.cli import main
+
+    first = make_run(tmp_path / "a", networks=("teacher",))
+    second = make_run(tmp_path / "b", networks=("teacher",), step=20)
+    out = tmp_path / "exp"
+    export(first["run"], out)
+    real_replace, calls = os.replace, []
+
+    def replace_then_signal(src, dst):
+        if Path(dst).parent == out:  # the swap's renames (the staging writes rename inside the staging folder)
+            calls.append(dst)
+        if len(calls) == 2 and Path(dst).parent == out:
+            os.kill(os.getpid(), _signal.SIGTERM)  # mid-swap: one file moved, the rest not yet
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(export_mod.os, "replace", replace_then_signal)
+    assert main(["export", str(second["run"]), "--out", str(out), "--overwrite"]) == 128 + 15
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the new export, complete" in err[0], err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["step"] == 20 and read_checkpoint(out).step == 20  # the new export, whole and verified
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_export_beside_an_unrelated_checkpoints_folder_is_not_refused(tmp_path):
+    r = make_run(tmp_path / "src")
+    (tmp_path / "home" / "checkpoints").mkdir(parents=True)  # somebody's own folder of that name, no run
+    out = export(r["run"], tmp_path / "home" / "exports" / "x")
+    assert (out / "meta.json").is_file()

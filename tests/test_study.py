@@ -68,12 +68,13 @@ def test_a_tiny_study_writes_every_figure_and_resumes(tmp_path):
     subprocess.run([sys.executable, "-m", "ssl_container.train", "--config", cfg.recipe,
                     *train_overrides(cfg, light, schedule(cfg)), "max_steps=2"], cwd=REPO, check=True,
                    capture_output=True)
-    first_two = (light.run_dir / "metrics.jsonl").read_text().splitlines()[:2]
 
     proc = _run("--config", str(config))
     assert "light_seed0 (container_light_narrow): training 4 steps from step 2" in proc.stdout
     assert "resnet_seed0 (resnet18): training 4 steps from scratch" in proc.stdout
-    assert (light.run_dir / "metrics.jsonl").read_text().splitlines()[:2] == first_two  # resumed, not restarted
+    logged = [json.loads(line).get("step") for line in (light.run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert logged == [1, 2, 3, 4]  # resumed at step 3: steps 1-2 were not trained (and logged) a second time
 
     out = tmp_path / "study"
     doc = json.loads((out / "study.json").read_text())
@@ -149,3 +150,24 @@ def test_study_help_is_quick():
     t0 = time.perf_counter()
     proc = _run("--help")
     assert "study.json" in proc.stdout and time.perf_counter() - t0 < 5
+
+
+def test_a_report_without_raw_pixel_floors(tmp_path):
+    """A streamed k-NN set (ImageNet) has no raw-pixel floor: the log line, the table and the figure do without."""
+    from study.config import ArmConfig, EvalDataConfig, StudyConfig
+    from study.report import write_report
+
+    cfg = StudyConfig(name="t", out=str(tmp_path), recipe="r.yaml", steps=4, seeds=[0, 1],
+                      arms=[ArmConfig(name="a", model="m"), ArmConfig(name="b", model="m")], headline=["a", "b"],
+                      knn=EvalDataConfig(path="/data/imagenet", resolution=224, streaming=True))
+    results = [{"arm": arm, "model": "m", "note": "", "arm_overrides": [], "seed": seed, "params": 1, "gmacs": 0.1,
+                "steps": 4, "train_seconds": 60.0, "images_per_s": 10.0, "knn": knn, "knn_random": 1.0,
+                "knn_pixels": None, "transfer": None, "detection": None, "complete": True,
+                "curve": [{"step": 4, "train_seconds": 60.0, "knn": knn}]}
+               for arm, seed, knn in (("a", 0, 50.0), ("a", 1, 52.0), ("b", 0, 40.0), ("b", 1, 41.0))]
+    files = write_report(cfg, results)
+    doc = json.loads(files["json"].read_text())
+    assert doc["headline"]["margin"] == 10.5 and doc["headline"]["margin_exceeds_spread"] is True
+    assert doc["headline"]["paired"] == [10.0, 11.0]
+    assert "| **51.00** (2.00) | 1.00 | - |" in files["md"].read_text()
+    assert files["png"].read_bytes()[:4] == b"\x89PNG"

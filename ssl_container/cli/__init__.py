@@ -118,7 +118,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if refusal:  # before torch loads: a refusal answers at once
         print(f"ssl-container export: {refusal}", file=sys.stderr)
         return 2
-    from ssl_container.export import CheckpointRefused, export
+    from ssl_container.export import CheckpointRefused, ExportStoppedAfterSwap, export
     from ssl_container.signals import Stopped, exit_code, stop_raises
 
     evals = None
@@ -139,6 +139,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 2
     except Stopped as stop:
         print(f"ssl-container export: {stop}; {args.out} is as it was before (nothing half-written)", file=sys.stderr)
+        return exit_code(stop.signum)
+    except ExportStoppedAfterSwap as stop:
+        print(f"ssl-container export: {stop}", file=sys.stderr)
         return exit_code(stop.signum)
     meta = json.loads((out / "meta.json").read_text())
     print(f"exported {meta['model']['name']} {meta['which'] or ''} (step {meta['step']}) to {out}: "

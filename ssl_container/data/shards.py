@@ -29,6 +29,7 @@ from ssl_container.utils.files import atomic_path, atomic_write_json, sha256_fil
 from ssl_container.utils.progress import Progress
 from ssl_container.data.sources import (
     INCOMPLETE,
+    dataset_json_problem,
     read_dataset_json,
     BadDataCounter,
     expand_urls,
@@ -128,6 +129,9 @@ def items_from_shards(urls: str | Sequence[str]) -> tuple[list[_Item], list[str]
     """Existing shards (any URL gopen opens): local uncompressed tars are indexed and read by offset, the
     rest is held in memory. Keys are kept when unique. Classes come from a dataset.json beside them."""
     shard_urls = expand_urls(urls)
+    problem = dataset_json_problem(shard_urls)
+    if problem:  # a half-swapped set read as a source would pass its mix of old and new shards on
+        raise ValueError(problem)
     items: list[_Item] = []
     for url in shard_urls:
         path = local_path(url)
@@ -144,8 +148,7 @@ def items_from_shards(urls: str | Sequence[str]) -> tuple[list[_Item], list[str]
     classes = None
     meta = find_dataset_json(shard_urls)
     if meta is not None:
-        with open(meta) as f:
-            classes = json.load(f).get("classes")
+        classes = read_dataset_json(meta).get("classes")
     return items, classes
 
 
@@ -255,6 +258,8 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     kind = detect_source_kind(source) if source_kind == "auto" else source_kind
     if os.path.exists(os.path.join(out_dir, "dataset.json")):
         read_dataset_json(os.path.join(out_dir, "dataset.json"))  # a broken one is refused before any work
+        if _finish_interrupted_swap(out_dir, split) and kind == "shards":
+            source = _same_split_now(source, out_dir, split)
     left_out: list[str] = []
     if kind == "folder":
         items, found_classes, left_out = items_from_folder(str(source))
@@ -359,14 +364,50 @@ def write_shards(source: str | Sequence[str], out_dir: str, *, split: str = "tra
     sha = {k: v for k, v in meta.get("sha256", {}).items() if k not in stale}
     sha.update(digests)
     meta["sha256"] = dict(sorted(sha.items()))
+    # The staging folder is complete from here on: what a rerun needs to finish an interrupted swap.
+    atomic_write_json(os.path.join(staging, _STAGED), {"names": shard_names, "stale": sorted(stale), "meta": meta})
     _swap_in(out_dir, staging, split, shard_names, stale, meta)
     return entry
 
 
+_STAGED = "staged.json"  # in the staging folder: written once every new shard is there
+
+
+def _same_split_now(source: str | Sequence[str], out_dir: str, split: str) -> str | Sequence[str]:
+    """An in-place source (this very split's shards) after a finished swap: the split as it now is (the
+    rerun's pattern names the old set's shard count)."""
+    urls = expand_urls(source)
+    if all(os.path.dirname(os.path.abspath(local_path(u) or u)) == os.path.abspath(out_dir) and
+           re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", os.path.basename(u)) for u in urls):
+        entry = read_dataset_json(os.path.join(out_dir, "dataset.json"))["splits"][split]
+        return os.path.join(out_dir, entry["shards"])
+    return source
+
+
+def _finish_interrupted_swap(out_dir: str, split: str) -> bool:
+    """A split that dataset.json marks incomplete was stopped while its new shards moved in: finish that
+    swap from the staging folder (complete by then) before anything else reads or rewrites the split."""
+    entry = read_dataset_json(os.path.join(out_dir, "dataset.json")).get("splits", {}).get(split)
+    if not (isinstance(entry, dict) and entry.get("incomplete")):
+        return False
+    staging = os.path.join(out_dir, f".{split}.staging")
+    staged = os.path.join(staging, _STAGED)
+    if not os.path.isfile(staged):
+        raise ValueError(f"{out_dir}: split '{split}' is marked incomplete and {staging} does not hold the complete new "
+                         "set to finish it with: write the split again from its original source")
+    with open(staged) as f:
+        plan = json.load(f)
+    log.warning("%s: finishing the interrupted swap of split %s from %s", out_dir, split, staging)
+    names = [n for n in plan["names"] if os.path.exists(os.path.join(staging, n))]
+    _swap_in(out_dir, staging, split, names, set(plan["stale"]), plan["meta"])
+    return True
+
+
 def _swap_in(out_dir: str, staging: str, split: str, names: list[str], stale: set[str], meta: dict) -> None:
     """Replace a split's shards with the complete new set in ``staging``, all or nothing for readers:
-    while files move, dataset.json marks the split incomplete (readers refuse it, naming the fix); the
-    new dataset.json, written last, clears the mark."""
+    while files move, dataset.json marks the split incomplete (readers refuse it, naming the fix, and
+    the next ``shards write`` finishes it from the staging folder); the new dataset.json, written last,
+    clears the mark."""
     meta_path = os.path.join(out_dir, "dataset.json")
     if os.path.exists(meta_path):
         current = read_dataset_json(meta_path)

@@ -239,8 +239,8 @@ def parse_label(sample: dict) -> int:
 
 
 # What dataset.json says of a split while ``shards write`` swaps a new set in (see shards._swap_in).
-INCOMPLETE = ("a `shards write` replacing this split was stopped while it swapped the new shards in; run the same "
-              "command again to finish it (the old set is gone, the new one is not complete)")
+INCOMPLETE = ("a `shards write` replacing this split was stopped while it swapped the new shards in; run that "
+              "`shards write` again: it first finishes the swap from the staging folder it left")
 
 
 def read_dataset_json(path: str | os.PathLike) -> dict:

@@ -50,12 +50,19 @@ def _step(run: Run, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
     try:
         return dino_step(run, batches).metrics
     except RuntimeError as err:
-        if "DataLoader worker" not in str(err):
-            raise
         said = str(err).strip().splitlines()[0].rstrip(". ")
+        # A worker's death only: PyTorch re-raises a worker's own exception as "Caught X in DataLoader
+        # worker process N" (bad data, a bug), which must surface as it is.
+        if type(err) is not RuntimeError or "DataLoader worker" not in said or \
+                not ("exited unexpectedly" in said or "killed by signal" in said):
+            raise
         if run.env.world_size > 1:  # a save is collective, and the other ranks are in the step's all-reduce
             raise LoaderWorkerDied(f"{said}; stopping (the newest checkpoint is the one to resume from)") from None
-        folder = run.save()
+        if run.buffers:  # a death after the first micro-batch: its centre / BatchNorm updates are undone
+            torch._foreach_copy_(run.buffers, run.saved_buffers)
+        tag = f"step_{run.state.step:08d}"
+        # This step saved already (a periodic save, a resume): keep that checkpoint rather than rewrite it.
+        folder = run.checkpoints.root / tag if run.checkpoints.latest() == tag else run.save()
         raise LoaderWorkerDied(f"{said}. The run saved step {run.state.step} in {folder}: run the same command "
                                "again to resume from it (if the worker ran out of memory, lower data.num_workers "
                                "or data.shuffle_buffer)") from None

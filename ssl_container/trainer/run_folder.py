@@ -106,11 +106,12 @@ def export_target_problem(out: Path, overwrite: bool) -> str | None:
     export there would replace a checkpoint's meta.json), or it holds an export and ``overwrite`` is off.
     Paths only: the command line asks before torch is loaded."""
     resolved = out.resolve()
-    for p in (resolved, *resolved.parents):
-        if (p / "checkpoints").is_dir() or p.name == "checkpoints" or \
-                (p.parent.name == "checkpoints" and p.name.startswith("step_")):
-            return (f"{out}: it is inside the run folder {p if p.name != 'checkpoints' else p.parent}; an export there "
-                    "would replace a checkpoint's files. Export to a folder of its own, e.g. --out runs/exports/NAME")
+    for p in (resolved, *resolved.parents[:3]):  # the folder, or a run folder / step folder up to 3 levels above
+        run = p.parent.parent if STEP_FOLDER.match(p.name) and p.parent.name == "checkpoints" else \
+            p.parent if p.name == "checkpoints" else p
+        if (run / "checkpoints").is_dir() and ((run / "config.yaml").is_file() or (run / "checkpoints" / "latest").is_file()):
+            return (f"{out}: it is inside the run folder {run}; an export there would replace a checkpoint's files. "
+                    "Export to a folder of its own, e.g. --out runs/exports/NAME")
     existing = [f for f in EXPORT_FILES if (out / f).exists()]
     if existing and not overwrite:
         return f"{out}: already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace"
