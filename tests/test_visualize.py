@@ -217,3 +217,20 @@ def test_the_retrieval_grid_shows_the_k_nn_search(tmp_path):
 
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1]
+
+
+def test_pad_shows_the_whole_drawing(tmp_path):
+    from PIL import Image
+
+    from ssl_container.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from ssl_container.downstream.visualize import load_images
+
+    wide = np.full((40, 120, 3), 255, np.uint8)
+    wide[:, :10] = (0, 0, 200)  # a blue edge at the far left, which a centre crop cuts away
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    rgb = lambda t: t * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)  # noqa: E731
+    cropped = rgb(load_images([tmp_path / "wide.png"], size=64)[0][0])
+    padded = rgb(load_images([tmp_path / "wide.png"], size=64, fit="pad")[0][0])
+    assert cropped[2].min() > 0.9  # no blue left after the crop
+    assert padded[2, 32, 1] > 0.6 and padded[0, 32, 1] < 0.2  # the edge is there
+    assert torch.allclose(padded[:, 2, 32], torch.ones(3), atol=0.02)  # white above the letterboxed drawing

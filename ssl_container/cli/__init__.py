@@ -161,7 +161,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
     try:
         model = load_backbone_or_model(args.weights, which=args.which, model_name=args.model, seed=args.seed)
-        images, files = load_images(args.images, size=args.size, limit=args.max_images)
+        images, files = load_images(args.images, size=args.size, limit=args.max_images, fit=args.fit)
     except (FileNotFoundError, ValueError) as err:
         print(f"ssl-container visualize: {err}", file=sys.stderr)
         return 2
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="pictures", help="output folder: one PNG per image and grid.png (default: pictures)")
     p.add_argument("--size", type=int, default=224, help="resize the short side and centre-crop to this (default 224)")
     p.add_argument("--max-images", type=int, default=8, help="at most this many images (default 8)")
+    p.add_argument("--fit", choices=("crop", "pad"), default="crop",
+                   help="crop: short side to --size and a centre crop (the evaluation transform, default); pad: the "
+                        "whole image on white, for drawings whose edges a crop would cut")
     p.add_argument("--which", choices=("teacher", "student"), default=None, help="which DINO network (default: teacher)")
     p.add_argument("--model", default=None, help="architecture when the weights do not record it")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed when WEIGHTS is a model name")

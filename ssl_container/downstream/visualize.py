@@ -247,15 +247,36 @@ def _image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def load_images(paths: Iterable[str | os.PathLike], size: int = 224, limit: int | None = 8) -> tuple[torch.Tensor, list[Path]]:
-    """Image files (or folders of them) -> ((B, 3, size, size) normalised, the files), with the
-    evaluation transform (short side resized to ``size``, centre crop)."""
+def _padded(data: bytes, size: int) -> torch.Tensor:
+    """The whole image, its long side resized to ``size``, centred on white: (3, size, size) normalised."""
+    import io
+
+    from PIL import Image
+
+    from ssl_container.data.augment import load_rgb
+
+    img = load_rgb(Image.open(io.BytesIO(data)))
+    scale = size / max(img.size)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    t = torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float().div_(255)
+    return (t - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def load_images(paths: Iterable[str | os.PathLike], size: int = 224, limit: int | None = 8,
+                fit: str = "crop") -> tuple[torch.Tensor, list[Path]]:
+    """Image files (or folders of them) -> ((B, 3, size, size) normalised, the files): ``fit="crop"``, the
+    evaluation transform (short side resized to ``size``, centre crop); ``"pad"``, the whole image on white
+    (drawings and other pictures whose edges matter)."""
+    if fit not in ("crop", "pad"):
+        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
     files = _image_files(paths)[:limit]
     cfg = EvalTransformConfig(resize=size, crop=size)
     tensors = []
     for f in files:
         try:
-            tensors.append(eval_transform(f.read_bytes(), cfg))
+            tensors.append(eval_transform(f.read_bytes(), cfg) if fit == "crop" else _padded(f.read_bytes(), size))
         except Exception as err:  # PIL's errors name a BytesIO, not the file
             detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(err))[:160]
             raise ValueError(f"{f}: not a readable image ({detail})") from None
