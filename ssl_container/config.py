@@ -399,6 +399,9 @@ def train_argument_parser() -> argparse.ArgumentParser:
                     "key=value overrides change them (unknown keys fail before any work).")
     parser.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                        help="start N ranks on this machine (torchrun's launcher, run in-process: a stop signal to "
+                             "the group ends in the ranks' checkpoint and one line, not a launcher traceback)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.lr=1e-4 data.batch_size=32")
     return parser
 

@@ -46,6 +46,38 @@ def _failures() -> tuple[type[BaseException], ...]:
     return (LoaderWorkerDied, NonFiniteLossError)
 
 
+def _run_ranks(n: int, argv: list[str]) -> int:
+    """``--nproc-per-node N``: torchrun's launcher in this process, starting N ranks of the same command.
+    A stop signal to the group reaches the ranks, which save at a step boundary and print the one line;
+    the launcher then ends with 128 + N and no traceback of its own (plain torchrun prints one and exits 1)."""
+    from ssl_container import distributed as D
+
+    if D.resolve_env().world_size > 1:
+        print("ssl-container train: --nproc-per-node starts the ranks itself; under torchrun, srun or submitit "
+              "leave it out", file=sys.stderr)
+        return 2
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # the ranks speak for the run
+    child = [a for i, a in enumerate(argv) if not (a.startswith("--nproc-per-node") or
+                                                   (i and argv[i - 1] == "--nproc-per-node"))]
+    launch = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={n}", "-m", "ssl_container.train",
+                                           *child])
+    try:
+        run(launch)
+    except SignalException as stop:  # the group's signal reached the launcher too: the ranks saved and said so
+        return exit_code(stop.sigval)
+    except ChildFailedError as err:
+        rank, failure = min(err.failures.items())
+        code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        if code <= 128:  # a stop (128 + N) was said by the ranks; a failure is named here once
+            print(f"ssl-container train: rank {rank} exited with {code}; its own message is above", file=sys.stderr)
+        return code
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``ssl-container train ...`` and ``python -m ssl_container.train ...`` (also under torchrun / srun)."""
     args = train_argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -58,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ssl-container train: {err}", file=sys.stderr)
         return 2
+    if args.nproc_per_node:
+        return _run_ranks(args.nproc_per_node, sys.argv[1:] if argv is None else list(argv))
     try:
         from ssl_container.trainer.loop import train
 
