@@ -135,7 +135,8 @@ def case_5(root: Path, rng: random.Random) -> dict:
     a, b = _teacher(ref, 10), _teacher(run, 10)
     exact = _losses(run) == _losses(ref) and all((a[k] == b[k]).all() for k in a)
     clean = proc.returncode == 0 or (proc.returncode == 1 and len(lines) == 1 and "Traceback" not in err)
-    return {"ok": exact and clean, "exit": proc.returncode, "killed_after_step": at, "saved": saved}
+    return {"ok": exact and clean, "exit": proc.returncode, "killed_after_step": at, "saved": saved,
+            **({} if clean else {"stderr_tail": err.strip().splitlines()[-6:]})}
 
 
 def case_9(root: Path, rng: random.Random) -> dict:
