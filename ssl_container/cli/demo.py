@@ -208,8 +208,8 @@ def draw_pictures(found: dict[str, Any], teacher: torch.nn.Module, random_backbo
                      title=f"What the DINO teacher sees, beside the same network at random initialisation ({found['name']})",
                      caption=f"Trained at {IMAGE_SIZE} px, where its last stage is a 2 x 2 map; drawn at {PICTURE_SIZE} px so "
                              "that the maps have positions to show. The horizontal stripes the teacher's PCA shows in "
-                             "every image (at 128 px too) are where a position sits vertically, which training with "
-                             "horizontal flips only leaves in the features: read these maps for position, not objects. "
+                             "every image (at 128 px too) follow where a position sits vertically (most likely because "
+                             "training flips images horizontally only): read these maps for position, not objects. "
                              "retrieval.png shows what the pretraining bought.")
 
 
