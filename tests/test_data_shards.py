@@ -215,6 +215,25 @@ def test_reshuffling_a_set_into_its_own_folder_keeps_every_image(image_folder, t
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no staging or temporary file left
 
 
+def _stopped_mid_swap(monkeypatch, write):
+    """Run ``write`` with a stop (KeyboardInterrupt, as SIGINT) raised as the second new shard moves in."""
+    from ssl_container.data import shards as shards_mod
+
+    real_replace, moved = os.replace, {"n": 0}
+
+    def stop_mid_swap(src, dst):
+        if str(src).endswith(".tar") and ".staging" in str(src):
+            moved["n"] += 1
+            if moved["n"] == 2:
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(shards_mod.os, "replace", stop_mid_swap)
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    monkeypatch.undo()
+
+
 def test_an_interrupted_rewrite_leaves_the_old_set_or_a_refusal(image_folder, tmp_path, monkeypatch):
     """A rewrite stopped while writing leaves the old set untouched and valid; one stopped while swapping
     marks the split incomplete, which training and eval refuse in one line until the command is rerun."""
@@ -242,20 +261,7 @@ def test_an_interrupted_rewrite_leaves_the_old_set_or_a_refusal(image_folder, tm
     assert {p: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")} == before
     assert verify_shards(str(out)).ok
 
-    real_replace = os.replace
-    moved = {"n": 0}
-
-    def stop_mid_swap(src, dst):
-        if str(src).endswith(".tar") and ".staging" in str(src):
-            moved["n"] += 1
-            if moved["n"] == 2:
-                raise KeyboardInterrupt
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(shards_mod.os, "replace", stop_mid_swap)
-    with pytest.raises(KeyboardInterrupt):
-        write_shards(str(image_folder), str(out), max_count=5, seed=1)
-    monkeypatch.undo()
+    _stopped_mid_swap(monkeypatch, lambda: write_shards(str(image_folder), str(out), max_count=5, seed=1))
     urls = json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"]
     cfg = load_config(None, [f"data.urls=[{out / urls}]"])
     with pytest.raises(ConfigError, match="split 'train' is incomplete.*run that `shards write` again"):
@@ -332,19 +338,7 @@ def test_an_in_place_reshuffle_stopped_mid_swap_is_finished_by_the_rerun(image_f
     write_shards(str(image_folder), str(out), max_count=5, seed=0)
     before = sorted(_samples(out).values())
     pattern = str(out / json.loads((out / "dataset.json").read_text())["splits"]["train"]["shards"])
-    real_replace, moved = os.replace, {"n": 0}
-
-    def stop_mid_swap(src, dst):
-        if str(src).endswith(".tar") and ".staging" in str(src):
-            moved["n"] += 1
-            if moved["n"] == 2:
-                raise KeyboardInterrupt
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(shards_mod.os, "replace", stop_mid_swap)
-    with pytest.raises(KeyboardInterrupt):
-        write_shards(pattern, str(out), max_count=4, seed=2)
-    monkeypatch.undo()
+    _stopped_mid_swap(monkeypatch, lambda: write_shards(pattern, str(out), max_count=4, seed=2))
     with pytest.raises(ValueError, match="incomplete"):  # nobody reads the half-swapped set as a source ...
         shards_mod.items_from_shards(pattern)
     write_shards(pattern, str(out), max_count=4, seed=2)  # ... and the same command finishes it, then reshuffles
