@@ -11,6 +11,12 @@ Choices that follow from DINO's structure (dino.md, local_slurm.md):
   torch 2.4, CPU, where the foreach path falls back to several per-tensor passes) handed to
   DeepSpeed, so nothing is JIT-compiled; the schedules write lr and weight decay into its groups
   every step.
+* Under ZeRO-0 (the default) the student's parameters and gradients live in contiguous buffers
+  (``flat.FlatParameters``) and the trainer averages and clips the gradients there, one call each,
+  instead of DeepSpeed's per-parameter all-reduce buckets and clipping loop (so the DeepSpeed config
+  saved in the run folder says ``gradient_clipping: 0`` for ZeRO-0: the clipping happens, outside it).
+  ZeRO-1/2 pack the parameters into DeepSpeed's own partitions and clip there.
+* The teacher's EMA runs over whole storages (``flat.FlatEMA``), whichever stage packed the student.
 * Checkpoints are read back with ``torch.load(weights_only=True)``, allowing only the few DeepSpeed
   classes its own files contain: resuming never unpickles arbitrary objects.
 """
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 from ssl_container.config import EngineConfig, OptimConfig
+from ssl_container.trainer.flat import FlatEMA, FlatParameters
 from ssl_container.trainer.run_folder import CheckpointError, is_unsafe_pickle
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ __all__ = [
     "make_teacher",
     "compile_backbones",
     "ema_update",
+    "TeacherEMA",
+    "owns_gradients",
     "autocast_context",
 ]
 
@@ -161,10 +170,18 @@ def _install_safe_checkpoint_engine(engine: Any) -> None:
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
+def owns_gradients(cfg: EngineConfig, device: torch.device) -> bool:
+    """Whether the trainer keeps the student's gradients in its own flat buffer, averages and clips them
+    (ZeRO-0 outside fp16, whose DeepSpeed optimizer keeps fp32 master copies and clips those)."""
+    return cfg.zero_stage == 0 and effective_precision(cfg, device) != "fp16"
+
+
 def initialize_engine(cfg: EngineConfig, student: nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch: int,
                       clip_grad: float, device: torch.device, world_size: int, load_universal: bool = False):
     """``deepspeed.initialize`` of the engine section on an already created process group, for the
-    student and its optimizer (``build_optimizer``); returns (engine, optimizer, ds_config)."""
+    student and its optimizer (``build_optimizer``); returns (engine, optimizer, ds_config, grads):
+    ``grads`` is the student's :class:`FlatParameters` where the trainer owns the gradients
+    (:func:`owns_gradients`: it averages and clips them before ``engine.step()``), else None."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -174,15 +191,18 @@ def initialize_engine(cfg: EngineConfig, student: nn.Module, optimizer: torch.op
         # cores) that only its inference path uses; training all-reduces go through gloo.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     _check_deepspeed_version(deepspeed.__version__, cfg.zero_stage, device)
-    ds_config = build_deepspeed_config(cfg, micro_batch, clip_grad, world_size, device, load_universal)
+    own = owns_gradients(cfg, device)
+    ds_config = build_deepspeed_config(cfg, micro_batch, 0.0 if own else clip_grad, world_size, device, load_universal)
     engine, optimizer, _, _ = deepspeed.initialize(
         model=student, optimizer=optimizer, config=ds_config, dist_init_required=False
     )
     _install_safe_checkpoint_engine(engine)
-    if world_size == 1 and cfg.zero_stage == 0:
-        # One rank has nothing to average: skip flattening and all-reducing every gradient.
-        engine.enable_backward_allreduce = False
-    return engine, optimizer, ds_config
+    grads = None
+    if own:
+        # After initialize: DeepSpeed has broadcast the weights in place and moved nothing since.
+        grads = FlatParameters(engine.module)
+        engine.enable_backward_allreduce = False  # FlatParameters.all_reduce_mean: one call per buffer
+    return engine, optimizer, ds_config, grads
 
 
 # The first DeepSpeed with zero_optimization.parameter_alignment (see build_deepspeed_config).
@@ -280,11 +300,27 @@ def _fp32_source_params(engine: Any, names: Iterable[str]) -> list[torch.Tensor]
 @torch.no_grad()
 def ema_update(teacher: nn.Module, engine: Any, momentum: float) -> None:
     """teacher = m * teacher + (1 - m) * student, on all parameters at once (foreach kernels).
-    Parameters only: buffers (BatchNorm statistics) are the teacher's own, as in DINO."""
+    Parameters only: buffers (BatchNorm statistics) are the teacher's own, as in DINO. The trainer
+    uses :class:`TeacherEMA`, the same arithmetic over whole storages."""
     names, t_params = zip(*teacher.named_parameters())
     s_params = _fp32_source_params(engine, names)
     torch._foreach_mul_(list(t_params), momentum)
     torch._foreach_add_(list(t_params), s_params, alpha=1.0 - momentum)
+
+
+class TeacherEMA:
+    """The trainer's EMA: ``teacher`` takes the storage layout of the engine's student once, then each
+    update is one multiply and one add per storage (``flat.FlatEMA``). fp16 training reads the fp32
+    master copies instead, per tensor."""
+
+    def __init__(self, teacher: nn.Module, engine: Any) -> None:
+        self.engine = engine
+        self.flat = FlatEMA(teacher, engine.module)
+        self.master = any(p.dtype != torch.float32 for p in engine.module.parameters())
+
+    def __call__(self, momentum: float) -> None:
+        sources = _fp32_source_params(self.engine, self.flat.names) if self.master else None
+        self.flat.update(momentum, sources)
 
 
 def autocast_context(precision: str, device: torch.device):

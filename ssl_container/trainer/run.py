@@ -29,8 +29,9 @@ from ssl_container.utils.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.stream import make_train_loader, steps_per_epoch
 from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
-from ssl_container.trainer.engine import (autocast_context, build_optimizer, compile_backbones, effective_precision,
-                                          ema_update, initialize_engine, make_teacher)
+from ssl_container.trainer.engine import (TeacherEMA, autocast_context, build_optimizer, compile_backbones,
+                                          effective_precision, initialize_engine, make_teacher)
+from ssl_container.trainer.flat import FlatParameters, pack_buffers
 from ssl_container.models import create_model
 from ssl_container.models.container import DropPath
 from ssl_container.trainer.resume import fresh_start_refusal, plan_resume
@@ -68,14 +69,51 @@ class Run:
     state: TrainState
     total_steps: int
     iters_per_epoch: int
+    ema: TeacherEMA
+    grads: FlatParameters | None = None  # the student's gradients where the trainer averages and clips them
     # BatchNorm statistics and the center move in every forward: a skipped step restores them from
-    # a copy taken before each step into ``saved_buffers`` (allocated once; one multi-tensor copy).
+    # a copy taken before each step into ``saved_buffers`` (allocated once). Every buffer of the
+    # teacher, student and loss lives in one of these few flat tensors (flat.pack_buffers).
     buffers: list[torch.Tensor] = field(default_factory=list)
     saved_buffers: list[torch.Tensor] = field(default_factory=list)
     lock: RunLock | None = None  # rank 0's hold on the run folder (run_lock.py); released by close()
 
     def __post_init__(self) -> None:
         self.saved_buffers = [b.clone() for b in self.buffers]
+
+    def begin_step(self) -> None:
+        """Snapshot the buffers (a skipped step restores them: one copy per flat tensor) and point the
+        gradients back at the flat buffer where the trainer owns them (DeepSpeed's step sets them to None)."""
+        if self.buffers:
+            torch._foreach_copy_(self.saved_buffers, self.buffers)
+        if self.grads is not None:
+            self.grads.zero_grad()
+
+    def update(self, boundary: bool) -> torch.Tensor | None:
+        """``engine.step()`` after a backward; at the accumulation boundary, where the trainer owns the
+        gradients, it first averages them over the ranks and clips them (returns their norm)."""
+        norm = None
+        if self.grads is not None and boundary:
+            self.grads.all_reduce_mean()
+            norm = self.grads.clip_grad_norm_(self.cfg.optim.clip_grad)
+        self.engine.step()
+        return norm
+
+    def end_step(self, finite: bool, momentum: float, grad_norm: torch.Tensor | None) -> Any:
+        """The teacher's EMA after a good step, the buffers restored after a skipped one; counts the step
+        and returns the gradient norm to log (None for a skipped step)."""
+        state = self.state
+        if finite:
+            self.ema(momentum)
+            state.consecutive_nonfinite = 0
+        else:
+            torch._foreach_copy_(self.buffers, self.saved_buffers)
+            state.skipped_steps += 1
+            state.consecutive_nonfinite += 1
+        state.step += 1
+        if not finite:
+            return None
+        return grad_norm if self.grads is not None else self.engine.get_global_grad_norm()
 
     @property
     def run_dir(self) -> Path:
@@ -224,7 +262,7 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
         ckpt.prepare_universal()
     no_wd = {f"backbone.{n}" for n in getattr(student.backbone, "no_weight_decay", lambda: set())()}
     optimizer = build_optimizer(cfg.optim, get_param_groups(student, no_wd), lr=cfg.schedule.lr)
-    engine, optimizer, ds_config = initialize_engine(cfg.engine, student, optimizer, micro_batch=cfg.data.batch_size,
+    engine, optimizer, ds_config, grads = initialize_engine(cfg.engine, student, optimizer, micro_batch=cfg.data.batch_size,
                                                      clip_grad=cfg.optim.clip_grad, device=device,
                                                      world_size=env.world_size, load_universal=universal)
     if env.is_main:
@@ -236,10 +274,13 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
     end = sched.total_iters + state.schedule_shift  # the step count at the schedules' end
     engine.train()
     teacher.train()  # batch statistics, as DINO's teacher
+    # After the load: the teacher takes the student's storage layout and the buffers move into flat
+    # tensors, values kept (a load copies into tensors in place, so either order would do).
+    ema = TeacherEMA(teacher, engine)
     return Run(cfg=cfg, env=env, device=device, precision=precision, engine=engine, optimizer=optimizer,
                teacher=teacher, loss=loss, schedules=sched, data=dcfg, checkpoints=ckpt, state=state,
-               total_steps=min(end, cfg.max_steps or end), iters_per_epoch=iters_per_epoch,
-               buffers=[b for m in (teacher, engine.module, loss) for b in m.buffers()])
+               total_steps=min(end, cfg.max_steps or end), iters_per_epoch=iters_per_epoch, ema=ema, grads=grads,
+               buffers=pack_buffers((teacher, engine.module, loss)))
 
 
 def build_models(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[MultiCropWrapper, nn.Module]:
@@ -306,8 +347,8 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
     t0 = time.perf_counter()
     wait = 0.0
     losses, finite_all, images, stats, koleo_values = [], True, 0, {}, []
-    if run.buffers:
-        torch._foreach_copy_(run.saved_buffers, run.buffers)
+    run.begin_step()
+    grad_norm = None
     for micro in range(accum):
         w0 = time.perf_counter()
         batch = next(batches)
@@ -338,20 +379,12 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
                 break  # no backward, no optimizer step: the step is skipped exactly
             loss = student_out.float().sum() * 0.0  # the poisoned micro-batch contributes no gradient
         engine.backward(loss)
-        engine.step()
+        grad_norm = run.update(boundary=micro == accum - 1)
         # Tensors until the step ends: one transfer to the host per step, not one per value.
         losses.append(loss.detach().float() if finite else torch.tensor(float("nan"), device=run.device))
         stats = dict(dino_loss.last_stats) if finite else {}
-    if finite_all:
-        ema_update(run.teacher, engine, momentum)
-        state.consecutive_nonfinite = 0
-    else:
-        torch._foreach_copy_(run.buffers, run.saved_buffers)
-        state.skipped_steps += 1
-        state.consecutive_nonfinite += 1
-    state.step += 1
+    grad_norm = run.end_step(finite_all, momentum, grad_norm)
     state.images_seen += images * run.env.world_size
-    grad_norm = engine.get_global_grad_norm() if finite_all else None
     host = _to_host({**({"loss": torch.stack(losses).mean()} if losses else {}), **stats,
                      **({"koleo": torch.stack(koleo_values).mean()} if koleo_values else {}),
                      **({"grad_norm": grad_norm} if grad_norm is not None else {})})
