@@ -64,7 +64,7 @@ def _config(args):
         f"engine.device={args.device}", f"data.crops.global_size={args.global_size}",
         f"data.crops.n_local={args.n_local}", f"data.crops.local_size={args.local_size}", "data.urls=[unused]",
         "data.samples_per_epoch=1000000", "data.num_workers=0",
-        f"engine.zero_stage={args.zero_stage}", f"engine.compile={args.compile}",
+        *([f"engine.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []), f"engine.compile={args.compile}",
         f"engine.compile_mode={args.compile_mode}",
     ]
     if args.channels_last is not None:
@@ -403,7 +403,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="deepspeed path: override model.channels_last (default: the config's, on)")
-    parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2])
+    parser.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2],
+                        help="default: the trainer's (0 for a new run; a --baseline-checkout uses its own default)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbones' blocks (engine.compile)")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"], help="engine.compile_mode")

@@ -83,7 +83,7 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    zero_stage: int = 1  # 0 | 1 | 2
+    zero_stage: Optional[int] = None  # 0 | 1 | 2 | null: 0 for a new run, the checkpoint's stage on resume
     precision: str = "bf16"  # fp32 | bf16 | fp16 (bf16 falls back to fp32 on CPU)
     grad_accum_steps: int = 1
     device: str = "auto"  # auto | cpu | cuda
@@ -94,7 +94,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "engine", positive=("grad_accum_steps",), choices={
-            "zero_stage": (0, 1, 2), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+            "zero_stage": (None, 0, 1, 2), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
             "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs")})
 
 

@@ -30,8 +30,8 @@ def test_a_universal_conversion_is_reused_only_for_the_checkpoint_it_came_from(t
 
 
 @pytest.mark.skipif(not (SHARDS / "dataset.json").is_file(), reason="needs ../shared/data/imagenette (the real shards)")
-@pytest.mark.parametrize("change, said", [("engine.zero_stage=0", "engine.zero_stage=0: its checkpoint holds the "
-                                           "optimizer state of engine.zero_stage=1"),
+@pytest.mark.parametrize("change, said", [("engine.zero_stage=1", "engine.zero_stage=1: its checkpoint holds the "
+                                           "optimizer state of engine.zero_stage=0"),
                                           ("optim.optimizer=sgd", "optim.optimizer='sgd': its checkpoint holds")])
 def test_an_optimizer_layout_change_is_refused_in_one_line(tmp_path, change, said):
     from test_train import TINY, _env
@@ -46,6 +46,29 @@ def test_an_optimizer_layout_change_is_refused_in_one_line(tmp_path, change, sai
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and said.replace("'", "") in lines[0].replace("'", ""), lines
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.skipif(not (SHARDS / "dataset.json").is_file(), reason="needs ../shared/data/imagenette (the real shards)")
+def test_the_default_zero_stage_resumes_a_zero1_run_at_its_stage(tmp_path):
+    """A run folder trained with ZeRO-1 (the default before engine.zero_stage became null) resumes without
+    naming the stage; a new run folder trains with 0."""
+    from test_train import TINY, _env
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "ssl_container.train", f"run_dir={run}", *TINY, "checkpoint.every_steps=1"]
+    subprocess.run([*base, "max_steps=1", "engine.zero_stage=1"], cwd=REPO, env=_env(), check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.run([*base, "max_steps=2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "engine.zero_stage" not in proc.stderr  # no change listed: the stage came from the checkpoint
+    meta = json.loads((run / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["config"]["engine"]["zero_stage"] == 1
+    assert (run / "checkpoints" / "step_00000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # ZeRO-1's layout
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "ssl_container.train", f"run_dir={fresh}", *TINY, "max_steps=1"], cwd=REPO,
+                   env=_env(), check=True, capture_output=True, timeout=300)
+    assert json.loads((fresh / "checkpoints" / "step_00000001" / "meta.json").read_text())["config"]["engine"][
+        "zero_stage"] == 0
 
 
 def test_overwrite_through_a_symlinked_run_folder_acts_where_the_folder_lives(tmp_path):

@@ -25,7 +25,7 @@ from ssl_container.trainer.checkpoint import CheckpointError, CheckpointManager,
 log = logging.getLogger("ssl_container.train")
 
 __all__ = ["ResumePlan", "carry_position", "check_carried_streams", "fresh_start_refusal", "make_plan", "plan_resume",
-           "preview", "reference_config"]
+           "preview", "reference_config", "resolve_zero_stage"]
 
 
 @dataclass
@@ -72,6 +72,28 @@ def plan_resume(cfg: TrainConfig, ckpt: CheckpointManager, iters_per_epoch: int,
     return plan.state
 
 
+def resolve_zero_stage(cfg: TrainConfig, ckpt: CheckpointManager, resume: bool) -> None:
+    """Make ``engine.zero_stage: null`` (the default) concrete before anything compares or records the
+    config: a resume goes on with the stage its checkpoint's optimizer state is laid out for, a new run
+    takes 0. ZeRO-0 keeps the gradients in one flat buffer that the trainer averages and clips (the
+    fewest host calls a step, on one GPU or many); ZeRO-1/2 partition AdamW's state over the ranks,
+    which pays in memory only for backbones far larger than Container-Light (docs/performance.md)."""
+    if cfg.engine.zero_stage is not None:
+        return
+    stage = 0
+    if resume and ckpt.complete_steps():
+        try:
+            meta = ckpt.peek()
+        except CheckpointError:
+            meta = None  # the resume's own checks say what is wrong with the folder
+        found = reference_config(meta, ckpt.root / ckpt.resume_point(), Path(cfg.run_dir)) if meta else None
+        if found is not None:
+            # A config without the key, or with null, was trained with that version's default: 1.
+            stage = (found[0].get("engine") or {}).get("zero_stage")
+            stage = 1 if stage is None else int(stage)
+    cfg.engine.zero_stage = stage
+
+
 def make_plan(cfg: TrainConfig, ckpt: CheckpointManager, iters_per_epoch: int | None, world_size: int,
               check_model: bool = True) -> ResumePlan:
     """The :class:`ResumePlan` of ``ckpt``'s newest intact checkpoint with ``cfg`` (refusals recorded in
@@ -111,6 +133,7 @@ def preview(cfg: TrainConfig, world_size: int) -> ResumePlan:
     """The plan a trainer started now with ``cfg`` on ``world_size`` ranks would follow in its run folder
     (for a launcher: it reads the folder, builds no model and writes nothing)."""
     ckpt = CheckpointManager(cfg.run_dir, cfg.checkpoint, meta={})
+    resolve_zero_stage(cfg, ckpt, cfg.checkpoint.resume)
     existing = ckpt.complete_steps()
     if existing and not cfg.checkpoint.resume:
         return ResumePlan(refused=fresh_start_refusal(cfg, existing))

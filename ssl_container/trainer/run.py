@@ -34,7 +34,7 @@ from ssl_container.trainer.engine import (TeacherEMA, autocast_context, build_op
 from ssl_container.trainer.flat import FlatParameters, pack_buffers
 from ssl_container.models import create_model
 from ssl_container.models.container import DropPath
-from ssl_container.trainer.resume import fresh_start_refusal, plan_resume
+from ssl_container.trainer.resume import fresh_start_refusal, plan_resume, resolve_zero_stage
 from ssl_container.trainer.run_lock import RunFolderBusy, RunLock
 from ssl_container.utils.runtime import retain_freed_memory
 
@@ -239,13 +239,15 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
 
     # --- checked before anything is written: crops, the run folder's checkpoints ----------------------
     _check_crops(cfg, student.backbone)
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint, meta={
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, meta={})
+    resume = cfg.checkpoint.resume if resume is None else resume
+    resolve_zero_stage(cfg, ckpt, resume)  # before the config is compared, recorded or saved
+    ckpt.meta = {
         "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
         "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
         "config_sha256": config_digest(cfg),
         "config": config_to_dict(cfg),  # the reference a resume compares its config with
-    })
-    resume = cfg.checkpoint.resume if resume is None else resume
+    }
     existing = ckpt.complete_steps()
     carried = None
     if existing and not resume:

@@ -35,4 +35,4 @@ def check_fields(obj: Any, section: str, *, positive: Iterable[str] = (), non_ne
         allowed = tuple(allowed)
         if getattr(obj, name) not in allowed:
             raise ValueError(f"config key '{key(name)}' is {getattr(obj, name)!r}; allowed values: "
-                             f"{', '.join(map(str, allowed))}")
+                             f"{', '.join('null' if a is None else str(a) for a in allowed)}")
