@@ -116,11 +116,17 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             extra["first_step_s"] = round(time.perf_counter() - t0, 2)
+            if cfg.engine.compile:  # graphs made by the first step; any made later are recompiles
+                from torch._dynamo.utils import counters
+
+                extra["graphs_first_step"] = counters["stats"]["unique_graphs"]
             row = _time(lambda: dino_step(run, batches), args, device, "/".join(("deepspeed", *mods)), run.precision,
                         extra)
             if args.profile:
                 row.update(_profile(lambda: dino_step(run, batches), device))
                 row.update(_split_ops(cfg, device, run.precision, row))
+            if cfg.engine.compile:
+                row["graphs_after_first_step"] = counters["stats"]["unique_graphs"] - extra["graphs_first_step"]
             if device.type == "cuda":
                 row.update(_utilisation(cfg, device, run.precision, row["step_s"]))
             return row
