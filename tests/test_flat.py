@@ -54,6 +54,24 @@ def test_packed_parameters_are_aligned_views_and_gradients_accumulate_in_the_fla
     assert not flat.intact()
 
 
+def test_channels_last_weights_keep_their_layout_in_the_buffer():
+    plain = _materialized().to(memory_format=torch.channels_last)
+    packed = _materialized().to(memory_format=torch.channels_last)
+    flat = FlatParameters(packed)
+    flat.zero_grad()
+    conv = packed[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv.grad.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    for net in (plain, packed):
+        net(x).square().mean().backward()
+    for a, b in zip(plain.parameters(), packed.parameters()):
+        assert torch.equal(a, b) and b.stride() == a.stride()
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
+    assert all(p.grad.untyped_storage().data_ptr() == flat.grads[0].untyped_storage().data_ptr()
+               for p in packed.parameters())
+
+
 @pytest.mark.parametrize("max_norm", [0.0, 0.05, 1e6])
 def test_clip_grad_norm_matches_torch(max_norm):
     plain, packed = _materialized(), _materialized()

@@ -44,13 +44,16 @@ def _padded(numel: int, element_size: int) -> int:
 
 def _pack(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One zeroed buffer holding ``tensors`` (same dtype and device) at aligned offsets, and a view of
-    it shaped like each; values are copied in."""
+    it shaped (and, for channels_last weights, strided) like each; values are copied in."""
     first = tensors[0]
     sizes = [_padded(t.numel(), t.element_size()) for t in tensors]
     buffer = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
     views, offset = [], 0
     for t, size in zip(tensors, sizes):
-        view = buffer[offset:offset + t.numel()].view(t.shape)
+        if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+            view = buffer.as_strided(t.shape, t.stride(), offset)  # a channels_last weight stays channels_last
+        else:
+            view = buffer[offset:offset + t.numel()].view(t.shape)
         view.copy_(t)
         views.append(view)
         offset += size
