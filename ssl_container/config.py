@@ -356,7 +356,13 @@ def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, A
     # A key the saved config does not hold is one an older version did not have: it ran with the default.
     defaults = flatten_config(config_to_dict(TrainConfig()))
     return [(k, old.get(k, defaults.get(k)), new.get(k)) for k in sorted(set(old) | set(new))
-            if _comparable(k, old.get(k, defaults.get(k))) != _comparable(k, new.get(k))]
+            if _comparable(k, old.get(k, defaults.get(k))) != _comparable(k, new.get(k))
+            and not (k in _AUTO_KEYS and None in (old.get(k), new.get(k)))]
+
+
+# Keys whose null means "decided by the run folder" (trainer/resume.py resolves them before comparing):
+# a null on either side is no change.
+_AUTO_KEYS = ("engine.zero_stage",)
 
 
 # Keys holding file paths: a relative and an absolute path to the same file are the same value.

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -76,7 +77,11 @@ def test_single_process_run_writes_everything(tmp_path):
     for name in ("config.yaml", "deepspeed_config.json", "metrics.jsonl", "training_curves.png", "summary.json"):
         assert (run / name).is_file(), name
     ds = json.loads((run / "deepspeed_config.json").read_text())
-    assert ds["zero_optimization"]["stage"] == 1 and ds["gradient_clipping"] == 3.0
+    # A new run trains with ZeRO-0, whose gradients the trainer averages and clips itself (trainer/flat.py):
+    # DeepSpeed is told not to clip, the config says by how much the trainer does.
+    assert ds["zero_optimization"]["stage"] == 0 and ds["gradient_clipping"] == 0.0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["engine"]["zero_stage"] == 0 and saved["optim"]["clip_grad"] == 3.0
     assert ds["train_batch_size"] == 4
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]

@@ -86,11 +86,13 @@ def resolve_zero_stage(cfg: TrainConfig, ckpt: CheckpointManager, resume: bool) 
             meta = ckpt.peek()
         except CheckpointError:
             meta = None  # the resume's own checks say what is wrong with the folder
-        found = reference_config(meta, ckpt.root / ckpt.resume_point(), Path(cfg.run_dir)) if meta else None
-        if found is not None:
-            # A config without the key, or with null, was trained with that version's default: 1.
-            stage = (found[0].get("engine") or {}).get("zero_stage")
-            stage = 1 if stage is None else int(stage)
+        folder = ckpt.root / ckpt.resume_point() if meta else None
+        found = reference_config(meta, folder, Path(cfg.run_dir)) if meta else None
+        saved = (found[0].get("engine") or {}).get("zero_stage", 1) if found else None  # 1: the old default
+        if saved is not None:
+            stage = int(saved)
+        elif folder is not None:  # no stage on record (a config.yaml a launcher wrote): ZeRO-1/2 files tell
+            stage = 1 if any(folder.glob("zero_pp_rank_*optim_states.pt")) else 0
     cfg.engine.zero_stage = stage
 
 
