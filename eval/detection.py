@@ -84,6 +84,7 @@ class CocoDetection(torch.utils.data.Dataset):
         image_ids: Sequence[int] | None = None,
         max_images: int | None = None,
         hflip: float = 0.5,
+        categories: Sequence[str] | None = None,
     ) -> None:
         from pycocotools.coco import COCO
 
@@ -93,6 +94,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.train = train
         self.hflip = hflip if train else 0.0
         self.cat_ids = sorted(self.coco.getCatIds())
+        if categories:  # a subset of the classes, by name: the others' boxes are not objects here
+            by_name = {self.coco.cats[c]["name"]: c for c in self.cat_ids}
+            unknown = [n for n in categories if n not in by_name]
+            if unknown:
+                raise ValueError(f"--categories {','.join(unknown)}: not a category of {annotations}; it has "
+                                 f"{', '.join(sorted(by_name))}")
+            self.cat_ids = sorted(by_name[n] for n in categories)
         self.cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
         self.class_names = {i + 1: self.coco.cats[c]["name"] for i, c in enumerate(self.cat_ids)}
@@ -110,7 +118,7 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         boxes, labels = [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            if self.train and ann.get("iscrowd", 0):
+            if (self.train and ann.get("iscrowd", 0)) or ann["category_id"] not in self.cat_to_label:
                 continue
             x, y, w, h = ann["bbox"]
             x0, y0 = max(0.0, x), max(0.0, y)
@@ -294,8 +302,10 @@ def predict(model: nn.Module, dataset: CocoDetection, batch_size: int = 2) -> li
     return out
 
 
-def coco_metrics(coco_gt: Any, detections: list[dict[str, Any]], image_ids: Sequence[int]) -> tuple[dict[str, float | None], str]:
-    """COCO box AP, AP50, AP75, APs, APm, APl (percent; None where undefined) and COCOeval's summary text."""
+def coco_metrics(coco_gt: Any, detections: list[dict[str, Any]], image_ids: Sequence[int],
+                 cat_ids: Sequence[int] | None = None) -> tuple[dict[str, float | None], str]:
+    """COCO box AP, AP50, AP75, APs, APm, APl (percent; None where undefined) and COCOeval's summary text,
+    averaged over ``cat_ids`` (default: every category of ``coco_gt``)."""
     from pycocotools.cocoeval import COCOeval
 
     if not detections:  # loadRes cannot take an empty list; no detection means AP 0 where GT exists
@@ -305,6 +315,8 @@ def coco_metrics(coco_gt: Any, detections: list[dict[str, Any]], image_ids: Sequ
         coco_dt = coco_gt.loadRes(detections)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
         evaluator.params.imgIds = list(image_ids)
+        if cat_ids is not None:
+            evaluator.params.catIds = list(cat_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -315,7 +327,7 @@ def coco_metrics(coco_gt: Any, detections: list[dict[str, Any]], image_ids: Sequ
 def evaluate(model: nn.Module, dataset: CocoDetection, batch_size: int = 2) -> tuple[dict[str, float | None], list[dict[str, Any]], str]:
     """Predict on ``dataset`` and score with COCOeval: ``(metrics, detections, summary text)``."""
     detections = predict(model, dataset, batch_size)
-    metrics, text = coco_metrics(dataset.coco, detections, dataset.ids)
+    metrics, text = coco_metrics(dataset.coco, detections, dataset.ids, dataset.cat_ids)
     return metrics, detections, text
 
 
@@ -345,6 +357,8 @@ def save_predictions_png(
     for ax, image_id in zip(axes.flat, ids):
         ax.imshow(dataset.load_image(image_id).permute(1, 2, 0).numpy())
         for ann in dataset.coco.imgToAnns.get(image_id, []):
+            if ann["category_id"] not in dataset.cat_to_label:  # a category left out by --categories
+                continue
             x, y, w, h = ann["bbox"]
             ax.add_patch(Rectangle((x, y), w, h, fill=False, ls="--", lw=1, ec="white"))
         dets = sorted((d for d in detections if d["image_id"] == image_id), key=lambda d: -d["score"])
@@ -435,8 +449,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     train_images, train_ann = coco_split(args.data, args.train_split)
     val_images, val_ann = coco_split(args.data, args.val_split)
-    train_set = CocoDetection(train_images, train_ann, train=True, max_images=args.max_train_images)
-    val_set = CocoDetection(val_images, val_ann, train=False, max_images=args.max_val_images)
+    cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    train_set = CocoDetection(train_images, train_ann, train=True, max_images=args.max_train_images, categories=cats)
+    val_set = CocoDetection(val_images, val_ann, train=False, max_images=args.max_val_images, categories=cats)
     results: dict[str, Any] = {
         "command": "python -m eval.detection " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
         "settings": {k: v for k, v in vars(args).items() if k != "argv"},
@@ -523,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="architecture of the random init (default: that of the pretrained weights compared with it, "
                         "else container_light)")
+    p.add_argument("--categories", default=None,
+                   help="comma-separated category names to detect, e.g. person (default: every category)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (tests)")
     p.add_argument("--batch-size", type=int, default=2)

@@ -149,6 +149,30 @@ def test_coco_metrics_of_ground_truth_is_perfect():
 
 
 @needs_coco
+def test_a_category_subset_keeps_only_its_boxes_and_scores_only_them():
+    from eval.detection import CocoDetection, coco_metrics, coco_split
+
+    images, ann = coco_split(DATA, "val2017")
+    full = CocoDetection(images, ann, train=True)
+    person = CocoDetection(images, ann, train=True, categories=["person"])
+    pid = person.cat_ids[0]
+    assert person.num_classes == 2 and person.coco.cats[pid]["name"] == "person"
+    with_person = [i for i in full.ids if any(a["category_id"] == pid for a in full.coco.imgToAnns[i])]
+    assert person.ids == with_person and 0 < len(person) < len(full)  # training skips images without one
+    _, target = person[0]
+    n_person = sum(a["category_id"] == pid and not a.get("iscrowd", 0) for a in person.coco.imgToAnns[person.ids[0]])
+    assert target["labels"].tolist() == [1] * n_person
+    # Perfect person boxes: AP 100 over the subset, though every other category goes undetected.
+    val = CocoDetection(images, ann, train=False, categories=["person"])
+    dets = [{"image_id": a["image_id"], "category_id": pid, "bbox": a["bbox"], "score": 1.0}
+            for i in val.ids for a in val.coco.imgToAnns[i] if a["category_id"] == pid]
+    assert coco_metrics(val.coco, dets, val.ids, val.cat_ids)[0]["AP"] == pytest.approx(100.0)
+    assert coco_metrics(val.coco, dets, val.ids)[0]["AP"] < 10
+    with pytest.raises(ValueError, match="--categories persn: not a category.*person"):
+        CocoDetection(images, ann, categories=["persn"])
+
+
+@needs_coco
 @pytest.mark.parametrize("builder", [fasterrcnn_container_light_fpn, retinanet_container_light_fpn])
 def test_one_training_step_on_coco128_gives_finite_losses(builder):
     from eval.detection import collate, param_groups
