@@ -45,7 +45,6 @@ __all__ = [
     "initialize_engine",
     "make_teacher",
     "compile_backbones",
-    "ema_update",
     "TeacherEMA",
     "owns_gradients",
     "autocast_context",
@@ -295,17 +294,6 @@ def _fp32_source_params(engine: Any, names: Iterable[str]) -> list[torch.Tensor]
 
             out.append(safe_get_full_fp32_param(p).detach())
     return out
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, engine: Any, momentum: float) -> None:
-    """teacher = m * teacher + (1 - m) * student, on all parameters at once (foreach kernels).
-    Parameters only: buffers (BatchNorm statistics) are the teacher's own, as in DINO. The trainer
-    uses :class:`TeacherEMA`, the same arithmetic over whole storages."""
-    names, t_params = zip(*teacher.named_parameters())
-    s_params = _fp32_source_params(engine, names)
-    torch._foreach_mul_(list(t_params), momentum)
-    torch._foreach_add_(list(t_params), s_params, alpha=1.0 - momentum)
 
 
 class TeacherEMA:
