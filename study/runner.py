@@ -131,6 +131,18 @@ def _size(unit: Unit, resolution: int) -> dict[str, Any]:
     return {"params": count_parameters(model), "gmacs": round(count_macs(model, (resolution, resolution)) / 1e9, 4)}
 
 
+def _kept_detection(out: Path, argv: list[str]) -> dict[str, Any] | None:
+    """A finished fine-tuning of the same command (both inits scored) is not run again: a stopped study
+    resumes detection seed by seed, each pair being minutes to an hour on a CPU."""
+    path = out / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = results.get("command") == "python -m eval.detection " + " ".join(argv)
+    return results if same and {"dino", "random"} <= set(results.get("runs", {})) else None
+
+
 def _detection(cfg: StudyConfig, unit: Unit, weights: Path, log: Callable[[str], None]) -> dict[str, Any]:
     from eval.detection import build_parser, run
 
@@ -141,7 +153,11 @@ def _detection(cfg: StudyConfig, unit: Unit, weights: Path, log: Callable[[str],
                 "--seed", str(s), "--out", str(out), *cfg.detection.args]
         args = build_parser().parse_args(argv)
         args.argv = argv
-        results = run(args, log=lambda m: None)
+        results = _kept_detection(out, argv)
+        if results is None:
+            results = run(args, log=lambda m: None)
+        else:
+            log(f"  detection seed {s}: kept ({out / 'results.json'}, the same command)")
         dino, rand = results["runs"]["dino"]["metrics"], results["runs"]["random"]["metrics"]
         runs.append({"seed": s, "ap": dino["AP"], "ap50": dino["AP50"], "ap_random": rand["AP"],
                      "ap50_random": rand["AP50"], "results": str(out / "results.json")})

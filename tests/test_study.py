@@ -171,3 +171,21 @@ def test_a_report_without_raw_pixel_floors(tmp_path):
     assert doc["headline"]["paired"] == [10.0, 11.0]
     assert "| **51.00** (2.00) | 1.00 | - |" in files["md"].read_text()
     assert files["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_finished_detection_seed_is_kept_and_a_changed_command_reruns(tmp_path):
+    from study.runner import _kept_detection
+
+    argv = ["--data", "coco128", "--weights", "w", "--init", "dino", "random", "--seed", "0", "--epochs", "4"]
+    out = tmp_path / "ft0"
+    assert _kept_detection(out, argv) is None  # nothing there yet
+    out.mkdir()
+    (out / "results.json").write_text("{broken")
+    assert _kept_detection(out, argv) is None  # unreadable: run again
+    results = {"command": "python -m eval.detection " + " ".join(argv), "runs": {"dino": {}}}
+    (out / "results.json").write_text(json.dumps(results))
+    assert _kept_detection(out, argv) is None  # stopped after the first init
+    results["runs"]["random"] = {}
+    (out / "results.json").write_text(json.dumps(results))
+    assert _kept_detection(out, argv) == results
+    assert _kept_detection(out, [*argv[:-1], "12"]) is None  # another schedule
