@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ssl_container.data.workers import DataLoader, shutdown as shutdown_workers
+from ssl_container.data.workers import DataLoader, batches_of, shutdown as shutdown_workers
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.augment import (
     BadImageError,
@@ -349,7 +349,7 @@ class TrainLoader:
                                       persistent_workers=False, multiprocessing_context=cfg.mp_context))
         expected = (self.epoch, self.start_step) if self.start_step < self.steps_per_epoch else (self.epoch + 1, 0)
         try:
-            for batch in batches:
+            for batch in batches_of(batches) if cfg.num_workers else batches:
                 stats, where = batch.pop("stats"), (batch["epoch"], batch["step"])
                 if where != expected:
                     raise RuntimeError(f"data order broken: got (epoch, step) {where}, expected {expected}")

@@ -27,12 +27,13 @@ import contextlib
 import os
 import signal
 import threading
+import time
 import weakref
 from typing import Any, Callable, Iterator
 
 import torch.utils.data
 
-__all__ = ["DataLoader", "STOP_SIGNALS", "ignore_stop_signals", "shutdown", "stop_signals_blocked"]
+__all__ = ["DataLoader", "STOP_SIGNALS", "batches_of", "dead_worker", "ignore_stop_signals", "shutdown", "stop_signals_blocked"]
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
@@ -137,6 +138,45 @@ def _defer_worker_failures() -> None:
     handler = signal.getsignal(signal.SIGCHLD)
     if callable(handler) and getattr(handler, "__module__", "").startswith("torch.utils.data"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def dead_worker(it: Any, wait: float = 2.0) -> str | None:
+    """A line naming a dead worker of the DataLoader iterator ``it`` (its pid and signal), waiting up to
+    ``wait`` seconds for one to show; ``None`` if every worker lives."""
+    workers = list(getattr(it, "_workers", ()))
+    deadline = time.monotonic() + wait
+    while workers:
+        dead = [w for w in workers if not w.is_alive()]
+        if dead:
+            w = dead[0]
+            how = (f"killed by signal {signal.Signals(-w.exitcode).name}" if w.exitcode and w.exitcode < 0
+                   else f"exit code {w.exitcode}")
+            return f"DataLoader worker (pid {w.pid}) exited unexpectedly ({how})"
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return None
+
+
+def batches_of(it: Any, wait: float = 2.0) -> Iterator[Any]:
+    """The batches of the DataLoader iterator ``it``, a dead worker always reported as PyTorch reports
+    one it noticed: ``RuntimeError("DataLoader worker (pid N) exited unexpectedly ...")``.
+
+    A worker killed while the main process receives its batch (the tensors' file descriptors come over
+    a socket) resets that socket before the kernel has reaped it, so PyTorch's liveness check still sees
+    it alive and lets ``ConnectionResetError`` or ``EOFError`` through; the death shows within
+    milliseconds, hence the short wait in :func:`dead_worker`."""
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError) as err:
+            said = dead_worker(it, wait)
+            if said is None:
+                raise
+            raise RuntimeError(said) from err
+        yield batch
 
 
 def shutdown(it: Any) -> None:
