@@ -182,3 +182,83 @@ def test_all_reduce_mean_over_two_gloo_processes(tmp_path: Path):
     for g0, g1, a, b in zip(got[0], got[1], *per_rank):
         assert torch.equal(g0, g1)
         torch.testing.assert_close(g0, (a + b) / 2, rtol=1e-5, atol=1e-7)  # thread counts differ
+
+
+def _net_without_idle_biases(seed: int = 0) -> nn.Module:
+    """As :func:`_net` without a bias right before a BatchNorm: its gradient is rounding noise, which
+    Adam scales up to full steps, so any two correct optimizers part there within a few steps."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 5, 3, bias=False),
+                        nn.BatchNorm2d(5), nn.Flatten(), nn.LazyLinear(7))
+    net(torch.zeros(2, 3, 9, 9))
+    return net
+
+
+def _groups(net: nn.Module) -> list[dict]:
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    return [dict(params=decay, weight_decay=0.04), dict(params=no_decay, weight_decay=0.0)]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_an_optimizer_over_whole_groups_steps_and_saves_as_the_per_parameter_one(kind):
+    """take_over: each parameter group is one tensor to the optimizer (a few calls a step instead of a few
+    per parameter); updates equal the per-parameter optimizer's, its state_dict has the per-parameter
+    format, and a per-parameter state loads into it and continues the same."""
+    def make(net):
+        if kind == "adamw":
+            return torch.optim.AdamW(_groups(net), lr=1e-2, betas=(0.9, 0.99), fused=True)
+        return torch.optim.SGD(_groups(net), lr=1e-2, momentum=0.9, fused=True)
+
+    plain = _net_without_idle_biases().to(memory_format=torch.channels_last)
+    packed = _net_without_idle_biases().to(memory_format=torch.channels_last)
+    opt_plain = make(plain)
+    opt_flat = make(packed)
+    flat = FlatParameters(packed, [g["params"] for g in opt_flat.param_groups])
+    assert len(flat.buffers) == 2  # one per group
+    assert flat.take_over(opt_flat)
+    assert [len(g["params"]) for g in opt_flat.param_groups] == [1, 1]
+
+    def step(seed):
+        opt_plain.zero_grad(set_to_none=True)
+        flat.zero_grad()
+        _backward(plain, seed)
+        _backward(packed, seed)
+        opt_plain.param_groups[0]["lr"] = opt_flat.param_groups[0]["lr"] = 1e-2 / (1 + seed)
+        opt_plain.step()
+        opt_flat.step()
+        opt_flat.zero_grad(set_to_none=True)  # as DeepSpeed's engine does: the next zero_grad relinks
+
+    for seed in range(4):
+        step(seed)
+    for a, b in zip(plain.parameters(), packed.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    saved_plain, saved_flat = opt_plain.state_dict(), opt_flat.state_dict()
+    assert [g["params"] for g in saved_flat["param_groups"]] == [g["params"] for g in saved_plain["param_groups"]]
+    assert saved_flat["state"].keys() == saved_plain["state"].keys()
+    for i, s in saved_plain["state"].items():
+        assert s.keys() == saved_flat["state"][i].keys()
+        for k, v in s.items():
+            assert saved_flat["state"][i][k].shape == v.shape and saved_flat["state"][i][k].stride() == v.stride()
+            torch.testing.assert_close(saved_flat["state"][i][k], v, rtol=0, atol=1e-6)
+
+    # A per-parameter checkpoint (the previous code's) resumes into the flat optimizer.
+    opt_flat.load_state_dict(saved_plain)
+    assert len(opt_flat.state) == 2
+    for seed in range(4, 7):
+        step(seed)
+    for a, b in zip(plain.parameters(), packed.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_take_over_refuses_an_optimizer_it_cannot_mirror():
+    net = _materialized()
+    used = torch.optim.AdamW(_groups(net), lr=1e-3)
+    _backward(net)
+    used.step()
+    flat = FlatParameters(net, [g["params"] for g in used.param_groups])
+    assert not flat.take_over(used)  # it has state already
+    other = _materialized(1)
+    fresh = torch.optim.AdamW(_groups(other), lr=1e-3)
+    assert not flat.take_over(fresh)  # not this module's parameters
+    assert all(len(g["params"]) > 1 for g in fresh.param_groups)

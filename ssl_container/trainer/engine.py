@@ -15,6 +15,8 @@ Choices that follow from DINO's structure (dino.md, local_slurm.md):
   (``flat.FlatParameters``) and the trainer averages and clips the gradients there, one call each,
   instead of DeepSpeed's per-parameter all-reduce buckets and clipping loop (so the DeepSpeed config
   saved in the run folder says ``gradient_clipping: 0`` for ZeRO-0: the clipping happens, outside it).
+  Each parameter group is packed on its own and the optimizer updates it as one tensor
+  (``FlatParameters.take_over``); its ``state_dict`` keeps the per-parameter format.
   ZeRO-1/2 pack the parameters into DeepSpeed's own partitions and clip there.
 * The teacher's EMA runs over whole storages (``flat.FlatEMA``), whichever stage packed the student.
 * Checkpoints are read back with ``torch.load(weights_only=True)``, allowing only the few DeepSpeed
@@ -199,8 +201,10 @@ def initialize_engine(cfg: EngineConfig, student: nn.Module, optimizer: torch.op
     grads = None
     if own:
         # After initialize: DeepSpeed has broadcast the weights in place and moved nothing since.
-        grads = FlatParameters(engine.module)
+        grads = FlatParameters(engine.module, [g["params"] for g in optimizer.param_groups])
         engine.enable_backward_allreduce = False  # FlatParameters.all_reduce_mean: one call per buffer
+        if isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed leaves a ZeRO-0 fp32/bf16 optimizer as it is
+            grads.take_over(optimizer)  # a group is one tensor to the optimizer: a few calls a step, not a few per parameter
     return engine, optimizer, ds_config, grads
 
 

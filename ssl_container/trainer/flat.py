@@ -74,25 +74,109 @@ class FlatParameters:
     :meth:`zero_grad` has run, its ``.grad`` a view of :attr:`grads`. Autograd then accumulates into
     those views in place. Whoever sets a gradient to ``None`` (DeepSpeed's ``zero_grad`` does after
     each step) breaks the link until the next :meth:`zero_grad`, which every step calls first.
+
+    ``groups`` (an optimizer's parameter groups' ``params``) packs each group into buffers of its own,
+    so that :meth:`take_over` can let the optimizer update a whole group as one tensor.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, groups: Sequence[Sequence[nn.Parameter]] = ()) -> None:
         params = [p for p in module.parameters()]
         self.params = params
         self.buffers: list[torch.Tensor] = []
         self.grads: list[torch.Tensor] = []
         self._grad_views: list[tuple[nn.Parameter, torch.Tensor]] = []
-        for group in _by_dtype(params).values():
-            buffer, views = _pack(group)
-            for p, view in zip(group, views):
+        # One bucket per optimizer group (in its parameters' order) and dtype, then one per dtype for
+        # the parameters no group holds (frozen ones).
+        grouped = {id(p) for g in groups for p in g}
+        buckets = [(gi, g) for gi, group in enumerate(groups) for g in _by_dtype(group).values()]
+        buckets += [(None, g) for g in _by_dtype(p for p in params if id(p) not in grouped).values()]
+        self._group_buckets: dict[int, list[tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]]] = {}
+        for gi, bucket in buckets:
+            buffer, views = _pack(bucket)
+            for p, view in zip(bucket, views):
                 p.data = view
             self.buffers.append(buffer)
-            trainable = [p for p in group if p.requires_grad]
+            trainable = [p for p in bucket if p.requires_grad]
+            grad_buffer = None
             if trainable:
                 grad_buffer, grad_views = _pack([torch.zeros_like(p) for p in trainable])
                 self.grads.append(grad_buffer)
                 self._grad_views += list(zip(trainable, grad_views))
+            if gi is not None:
+                self._group_buckets.setdefault(gi, []).append(
+                    (buffer, grad_buffer if len(trainable) == len(bucket) else None, views))
         self._data_ptrs = [p.data_ptr() for p in params]
+        self._flat_params: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._layouts: list[list[tuple[torch.Size, tuple[int, ...], int]]] = []
+
+    def take_over(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Make ``optimizer`` (a fresh torch optimizer over the ``groups`` given at construction) update
+        each group's buffer as one tensor: its multi-tensor kernels then make a few calls a step instead
+        of a few per parameter (CPU's fused AdamW reads each parameter's step count on the host).
+
+        The arithmetic is elementwise, so the updates are those of the per-parameter optimizer, and
+        :meth:`~torch.optim.Optimizer.state_dict` / ``load_state_dict`` keep its per-parameter format
+        (checkpoints either way resume either way). False (nothing changed) where a group spans dtypes,
+        holds a frozen parameter or does not match, or the optimizer has state already."""
+        if optimizer.state or len(self._group_buckets) != len(optimizer.param_groups):
+            return False
+        packed = []
+        for gi, group in enumerate(optimizer.param_groups):
+            buckets = self._group_buckets.get(gi, [])
+            if len(buckets) != 1 or buckets[0][1] is None:
+                return False
+            buffer, grad_buffer, views = buckets[0]
+            if len(views) != len(group["params"]) or any(
+                    p.data_ptr() != v.data_ptr() for p, v in zip(group["params"], views)):
+                return False
+            packed.append((buffer, grad_buffer, views))
+        for group, (buffer, grad_buffer, views) in zip(optimizer.param_groups, packed):
+            flat = nn.Parameter(buffer)  # the buffer itself, not a copy
+            flat.grad = grad_buffer
+            group["params"] = [flat]
+            self._flat_params.append((flat, grad_buffer))
+            self._layouts.append([(v.shape, v.stride(), v.storage_offset()) for v in views])
+        optimizer.register_state_dict_post_hook(self._per_parameter_state)
+        optimizer.register_load_state_dict_pre_hook(self._flat_state)
+        return True
+
+    def _per_parameter_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+        """The flat groups' state as the per-parameter optimizer's ``state_dict`` would hold it."""
+        state, groups, index = {}, [], 0
+        for group, (flat, _), layout in zip(saved["param_groups"], self._flat_params, self._layouts):
+            ids = list(range(index, index + len(layout)))
+            index += len(layout)
+            flat_state = saved["state"].get(group["params"][0])
+            if flat_state is not None:
+                for i, (shape, stride, offset) in zip(ids, layout):
+                    state[i] = {k: v if not torch.is_tensor(v) else v.clone() if k == "step"
+                                else v.as_strided(shape, stride, offset).clone() for k, v in flat_state.items()}
+            groups.append({**group, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def _flat_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+        """A per-parameter ``state_dict`` (what :meth:`_per_parameter_state` writes) packed for the flat groups."""
+        state, groups = {}, []
+        for gi, (group, (flat, _), layout) in enumerate(zip(saved["param_groups"], self._flat_params, self._layouts)):
+            ids = group["params"]
+            if len(ids) != len(layout):
+                raise ValueError(f"saved optimizer group {gi} holds {len(ids)} parameters, this model's {len(layout)}")
+            per = [saved["state"].get(i) for i in ids]
+            if any(p is not None for p in per):
+                if any(p is None for p in per):
+                    raise ValueError(f"saved optimizer group {gi} has state for some of its parameters only")
+                packed = {}
+                for k, v in per[0].items():
+                    if not torch.is_tensor(v) or k == "step":
+                        packed[k] = v.clone() if torch.is_tensor(v) else v  # all the group's steps are equal
+                        continue
+                    out = torch.zeros(flat.numel(), dtype=v.dtype, device=v.device)
+                    for p, (shape, stride, offset) in zip(per, layout):
+                        out.as_strided(shape, stride, offset).copy_(p[k])
+                    packed[k] = out
+                state[gi] = packed
+            groups.append({**group, "params": [gi]})
+        return {"state": state, "param_groups": groups}
 
     def intact(self) -> bool:
         """Whether every parameter still lives where it was packed (a ``.to()``, ``.half()`` or a
@@ -106,6 +190,9 @@ class FlatParameters:
         for p, view in self._grad_views:
             if p.grad is not view:
                 p.grad = view
+        for flat, grad in self._flat_params:
+            if flat.grad is not grad:
+                flat.grad = grad
 
     @torch.no_grad()
     def all_reduce_mean(self) -> None:
