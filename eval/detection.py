@@ -72,8 +72,8 @@ class CocoDetection(torch.utils.data.Dataset):
     """COCO-format detection data: ``(image float CHW in [0, 1], target)`` with xyxy boxes.
 
     ``target``: ``boxes`` (N, 4) float xyxy in pixels, ``labels`` (N,) int64 in 1..K, ``image_id``.
-    ``train=True`` drops crowd and degenerate boxes, skips images left without boxes and flips
-    horizontally with probability ``hflip``.
+    ``train=True`` drops crowd and degenerate boxes, skips images left without boxes (unless
+    ``negatives``: they stay, as background only) and flips horizontally with probability ``hflip``.
     """
 
     def __init__(
@@ -85,6 +85,7 @@ class CocoDetection(torch.utils.data.Dataset):
         max_images: int | None = None,
         hflip: float = 0.5,
         categories: Sequence[str] | None = None,
+        negatives: bool = False,
     ) -> None:
         from pycocotools.coco import COCO
 
@@ -105,7 +106,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.label_to_cat = {i + 1: c for i, c in enumerate(self.cat_ids)}
         self.class_names = {i + 1: self.coco.cats[c]["name"] for i, c in enumerate(self.cat_ids)}
         ids = sorted(self.coco.getImgIds()) if image_ids is None else list(image_ids)
-        if train:
+        if train and not negatives:
             ids = [i for i in ids if len(self._boxes(i)[0])]
         self.ids = ids[:max_images] if max_images else ids
 
@@ -450,7 +451,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     train_images, train_ann = coco_split(args.data, args.train_split)
     val_images, val_ann = coco_split(args.data, args.val_split)
     cats = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    train_set = CocoDetection(train_images, train_ann, train=True, max_images=args.max_train_images, categories=cats)
+    train_set = CocoDetection(train_images, train_ann, train=True, max_images=args.max_train_images, categories=cats,
+                              negatives=args.negatives)
     val_set = CocoDetection(val_images, val_ann, train=False, max_images=args.max_val_images, categories=cats)
     results: dict[str, Any] = {
         "command": "python -m eval.detection " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
@@ -540,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "else container_light)")
     p.add_argument("--categories", default=None,
                    help="comma-separated category names to detect, e.g. person (default: every category)")
+    p.add_argument("--negatives", action="store_true",
+                   help="train on the images without a box (of --categories) too, as background: a one-class "
+                        "detector that never saw an image without its class fires on everything")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (tests)")
     p.add_argument("--batch-size", type=int, default=2)

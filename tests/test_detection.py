@@ -170,6 +170,12 @@ def test_a_category_subset_keeps_only_its_boxes_and_scores_only_them():
     assert coco_metrics(val.coco, dets, val.ids)[0]["AP"] < 10
     with pytest.raises(ValueError, match="--categories persn: not a category.*person"):
         CocoDetection(images, ann, categories=["persn"])
+    # --negatives: the images without a person train as background (empty targets), not skipped.
+    negatives = CocoDetection(images, ann, train=True, categories=["person"], negatives=True, hflip=1.0)
+    assert negatives.ids == full.coco.getImgIds() or negatives.ids == sorted(full.coco.getImgIds())
+    empty = next(i for i, image_id in enumerate(negatives.ids) if image_id not in person.ids)
+    _, target = negatives[empty]
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
 
 
 @needs_coco
@@ -183,6 +189,8 @@ def test_one_training_step_on_coco128_gives_finite_losses(builder):
     small = dict(box_batch_size_per_image=32, rpn_post_nms_top_n_train=100) if builder is fasterrcnn_container_light_fpn else {}
     model = builder(ds.num_classes, min_size=128, max_size=160, **small).train()
     images, targets = collate([ds[0], ds[1]])
+    # The second image as a negative (--negatives): torchvision's heads take an empty target.
+    targets = (targets[0], {**targets[1], "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
     losses = model(list(images), list(targets))
     assert all(torch.isfinite(v) for v in losses.values()), losses
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
