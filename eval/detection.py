@@ -51,6 +51,7 @@ __all__ = [
     "METRICS",
     "build_detector",
     "collate",
+    "command_line",
     "evaluate",
     "main",
     "param_groups",
@@ -455,7 +456,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
                               negatives=args.negatives)
     val_set = CocoDetection(val_images, val_ann, train=False, max_images=args.max_val_images, categories=cats)
     results: dict[str, Any] = {
-        "command": "python -m eval.detection " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
+        "command": command_line(sys.argv[1:] if args.argv is None else args.argv),
         "settings": {k: v for k, v in vars(args).items() if k != "argv"},
         "data": {"root": str(Path(args.data).resolve()), "train_images": len(train_set), "val_images": len(val_set),
                  "classes": train_set.num_classes - 1},
@@ -498,6 +499,11 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     log(_table(results))
     log(f"results: {out / 'results.json'}")
     return results
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """How ``results.json`` records the command (what a study compares to keep a finished fine-tuning)."""
+    return "python -m eval.detection " + " ".join(argv)
 
 
 def _detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:

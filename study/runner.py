@@ -134,12 +134,14 @@ def _size(unit: Unit, resolution: int) -> dict[str, Any]:
 def _kept_detection(out: Path, argv: list[str]) -> dict[str, Any] | None:
     """A finished fine-tuning of the same command (both inits scored) is not run again: a stopped study
     resumes detection seed by seed, each pair being minutes to an hour on a CPU."""
+    from eval.detection import command_line
+
     path = out / "results.json"
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    same = results.get("command") == "python -m eval.detection " + " ".join(argv)
+    same = results.get("command") == command_line(argv)
     return results if same and {"dino", "random"} <= set(results.get("runs", {})) else None
 
 
