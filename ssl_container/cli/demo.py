@@ -23,6 +23,7 @@ import shutil
 import struct
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,21 @@ def _on_white(path: Path, side: int = CLIPART_SIDE) -> Image.Image:
     return canvas
 
 
+def _stage(job: tuple[Path, Path]) -> str | None:
+    """One drawing -> a PNG on white at ``target`` (run in a worker process); the error's name if Pillow
+    refuses it."""
+    import warnings
+
+    path, target = job
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            _on_white(path).save(target)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        return type(err).__name__
+    return None
+
+
 def _openclipart_shards(out: Path, seed: int = 0) -> dict[str, Any]:
     """Open Clip Art's drawings of CLIPART_CLASSES -> PNG files on white + file lists -> shards with
     dataset.json: a fixed 80 / 20 split of every category (shuffled with ``seed``)."""
@@ -165,30 +181,31 @@ def _openclipart_shards(out: Path, seed: int = 0) -> dict[str, Any]:
     if _converted(out):
         return found
     import random
-    import warnings
 
     rng = random.Random(seed)
     staging = out.parent / "openclipart_png"
     lines: dict[str, list[str]] = {"train": [], "test": []}
-    skipped = []
-    print(f"[demo] converting Debian's Open Clip Art ({OPENCLIPART}, {len(CLIPART_CLASSES)} categories) to shards "
-          f"in {out}: about a minute, once", flush=True)
+    jobs = []  # (source, staged PNG, split, label), in the seeded order
     for label, name in enumerate(CLIPART_CLASSES):
         files = sorted((OPENCLIPART / name).rglob("*.png"))
         rng.shuffle(files)
         for i, path in enumerate(files):
             split = "test" if i < len(files) // 5 else "train"
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                    image = _on_white(path)
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                skipped.append(f"{path} ({type(err).__name__})")
-                continue
-            target = staging / split / f"{name}_{i:05d}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            image.save(target)
-            lines[split].append(f"{target},{label}")
+            jobs.append((path, staging / split / f"{name}_{i:05d}.png", split, label))
+    for split in lines:
+        (staging / split).mkdir(parents=True, exist_ok=True)
+    print(f"[demo] converting Debian's Open Clip Art ({OPENCLIPART}, {len(CLIPART_CLASSES)} categories, "
+          f"{len(jobs):,} drawings) to shards in {out}: about a minute, once", flush=True)
+    # A few drawings are posters of 100 megapixels that take seconds each to decode: one process per core.
+    skipped = []
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    with ProcessPoolExecutor(workers) as pool:
+        for (path, target, split, label), error in zip(jobs, pool.map(_stage, [(j[0], j[1]) for j in jobs],
+                                                                       chunksize=16)):
+            if error:
+                skipped.append(f"{path} ({error})")
+            else:
+                lines[split].append(f"{target},{label}")
     if skipped:
         print(f"[demo] {len(skipped)} drawing(s) skipped (unreadable or too large to decode): {'; '.join(skipped)}",
               flush=True)
