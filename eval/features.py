@@ -41,10 +41,11 @@ import torch.distributed as dist
 from torch import nn
 
 from eval.store import ShardedFeatureStore
+from ssl_container.downstream.backbone import eval_backbone
 from ssl_container.signals import stoppable
 from ssl_container.data.workers import DataLoader
 from ssl_container.utils.progress import Progress
-from ssl_container.downstream.backbone_features import FEATURE_KINDS, FeatureSet, amp_autocast, dist_info, extract_features, forward_features
+from ssl_container.utils.features import FEATURE_KINDS, FeatureSet, amp_autocast, dist_info, extract_features, forward_features
 
 log = logging.getLogger("eval.features")
 
@@ -81,16 +82,7 @@ def build_model(model: str | None = None, weights: str | os.PathLike | None = No
     ``model`` then overrides the architecture name. Without weights: ``model`` by name
     (``container_light`` by default, or any timm model), initialised from ``seed``.
     """
-    if weights is not None:
-        from ssl_container.export import load_backbone
-
-        net = load_backbone(weights, which, model_name=model, num_classes=0, **kwargs)
-    else:
-        from ssl_container.models import create_model
-
-        torch.manual_seed(seed)
-        net = create_model(model or "container_light", num_classes=0, pretrained=pretrained, **kwargs)
-    return net.eval()
+    return eval_backbone(weights, model=model, which=which, seed=seed, pretrained=pretrained, **kwargs)
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -42,7 +42,7 @@ from torch import nn
 from ssl_container.signals import stoppable
 from ssl_container.data.workers import DataLoader
 from ssl_container.data.labelled import AugmentedLabelledShards
-from ssl_container.downstream.backbone_features import amp_autocast, forward_features
+from ssl_container.utils.features import amp_autocast, forward_features
 from ssl_container.utils.progress import hms
 
 log = logging.getLogger("eval.linear")

@@ -30,7 +30,7 @@ from eval.features import DataSource, make_loader, resolve_data
 from eval.knn import knn_classify
 from ssl_container.signals import stoppable
 from ssl_container.data.augment import EvalTransformConfig
-from ssl_container.downstream.backbone_features import forward_features
+from ssl_container.utils.features import forward_features
 
 __all__ = ["RawPixels", "EvalSplit", "load_split", "embed", "knn_eval", "floors", "KNN_K"]
 

@@ -25,9 +25,11 @@ from ssl_container.utils.checks import check_fields
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.dino.config import DINOLossConfig, HeadConfig, ScheduleConfig
 from ssl_container.utils.files import atomic_write_text
-from ssl_container.trainer.trackers import BACKENDS
 
 log = logging.getLogger(__name__)
+
+# logging.backends: the trackers trainer/trackers.py opens (the config checks the names before torch loads).
+BACKENDS = ("tensorboard", "mlflow", "wandb")
 
 __all__ = [
     "data_config",

@@ -53,9 +53,9 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ssl_container.utils.files import atomic_path, atomic_write_bytes, sha256_file
-from ssl_container.trainer.run_folder import (EXPORT_FILES, STEP_FOLDER as _STEP, CheckpointError, export_target_problem,
-                                              is_unsafe_pickle, latest_step_dir)
+from ssl_container.utils.files import atomic_path, atomic_write_bytes, file_problem
+from ssl_container.trainer.run_folder import (EXPORT_FILES, CheckpointError, export_target_problem,
+                                              is_unsafe_pickle, latest_step_dir, newest_intact)
 
 log = logging.getLogger("ssl_container.export")
 
@@ -244,28 +244,27 @@ def _pick_which(which: str | None, available: list[str], where: Path) -> str:
 
 
 def _read_run_dir(run_dir: Path, which: str | None) -> Checkpoint:
-    """The newest step folder whose weights are intact; a damaged newer one is skipped, with a warning."""
+    """The newest step folder whose weights are intact (run_folder.newest_intact, the trainer's rule); a
+    damaged newer one is skipped, with a warning."""
     root = run_dir / "checkpoints"
-    complete = sorted((d for d in root.iterdir() if _STEP.match(d.name) and (d / "meta.json").is_file()), reverse=True)
-    try:
-        newest = _latest_step_dir(run_dir)
-    except CheckpointRefused as err:
-        if not complete:
-            raise
-        log.warning("%s; reading the newest complete checkpoint instead", err)
-        newest = complete[0]
-    damaged = []
-    for step_dir in [newest, *(d for d in complete if d.name < newest.name)]:
-        problem = _weights_problem(step_dir, which)
-        if problem is None:
-            ckpt = _read_step_dir(step_dir, which, run_dir=run_dir, kind="run", verified=True)
-            if damaged:
-                note = f"{'; '.join(damaged)}: read {step_dir.name} instead, the newest intact checkpoint"
-                ckpt.notes.append(note)
-                log.warning("%s: %s", run_dir, note)
-            return ckpt
-        damaged.append(f"{step_dir.name} is damaged ({problem})")
-    raise CheckpointRefused(f"{run_dir}: no intact checkpoint ({'; '.join(damaged)}); restore the files from a copy")
+    pick = newest_intact(root, lambda step_dir: _weights_problem(step_dir, which))
+    nothing = pick.tag is None and not pick.damaged
+    if pick.latest_problem or nothing:
+        try:
+            _latest_step_dir(run_dir)  # raises, in the words a user acts on: what is wrong with ``latest``
+        except CheckpointRefused as err:
+            if nothing:
+                raise
+            log.warning("%s; reading the newest complete checkpoint instead", err)
+    if pick.tag is None:
+        raise CheckpointRefused(f"{run_dir}: no intact checkpoint ({'; '.join(pick.damaged)}); restore the files "
+                                "from a copy")
+    ckpt = _read_step_dir(root / pick.tag, which, run_dir=run_dir, kind="run", verified=True)
+    if pick.damaged:
+        note = f"{'; '.join(pick.damaged)}: read {pick.tag} instead, the newest intact checkpoint"
+        ckpt.notes.append(note)
+        log.warning("%s: %s", run_dir, note)
+    return ckpt
 
 
 def _weights_problem(step_dir: Path, which: str | None) -> str | None:
@@ -283,15 +282,7 @@ def _weights_problem(step_dir: Path, which: str | None) -> str | None:
     except (OSError, ValueError) as err:
         return f"meta.json unreadable ({err})"
     want = (meta.get("files") or {}).get(name) if isinstance(meta, dict) else None
-    return _file_problem(step_dir / name, want and want.get("bytes"), want and want.get("sha256"))
-
-
-def _file_problem(path: Path, size: int | None, sha256: str | None) -> str | None:
-    if size is not None and path.stat().st_size != size:
-        return f"{path.name} has {path.stat().st_size} bytes, {size} were written"
-    if sha256 is not None and sha256_file(path) != sha256:
-        return f"{path.name} does not match the sha256 recorded when it was written"
-    return None
+    return file_problem(step_dir / name, want and want.get("bytes"), want and want.get("sha256"))
 
 
 def _read_step_dir(step_dir: Path, which: str | None, run_dir: Path | None, kind: str,
@@ -343,7 +334,7 @@ def _read_export_dir(export_dir: Path, which: str | None) -> Checkpoint:
         raise CheckpointRefused(f"{export_dir}: is an export of the {exported_which}, not the {which}")
     weights = export_dir / "backbone.safetensors"
     recorded = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
-    problem = _file_problem(weights, None, recorded.get("sha256"))
+    problem = file_problem(weights, None, recorded.get("sha256"))
     if problem is not None:
         raise CheckpointRefused(f"{export_dir}: damaged export, {problem}; export it again from its run")
     ckpt = _from_state_dict(_load_safetensors(weights), weights)

@@ -28,10 +28,16 @@ from typing import Any, Callable, Iterator
 
 log = logging.getLogger("ssl_container.signals")
 
-__all__ = ["GracefulStop", "Stopped", "StoppedBySignal", "STOP_SIGNALS", "stop_raises", "stoppable", "exit_code"]
+__all__ = ["GracefulStop", "Refusal", "Stopped", "StoppedBySignal", "STOP_SIGNALS", "stop_raises", "stoppable", "exit_code"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _DEFAULTS = (signal.SIG_DFL, signal.default_int_handler)
+
+
+class Refusal(RuntimeError):
+    """Input the command cannot use (a damaged or unsafe checkpoint, a wrong file), with what to do about
+    it: a :func:`stoppable` command prints its message in one line and exits 2. The checkpoint readers'
+    ``CheckpointError`` is one; this module knows the kind, not the readers."""
 
 
 def exit_code(signum: int) -> int:
@@ -150,8 +156,6 @@ def stoppable(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
                 _stoppable_depth.pop()
 
         def _run(*args: Any, **kwargs: Any) -> int:
-            from ssl_container.trainer.run_folder import CheckpointError
-
             with stop_raises():
                 try:
                     return main(*args, **kwargs)
@@ -162,7 +166,7 @@ def stoppable(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
                         print(f"{prog}: {stop}; what it had finished writing is kept, and running the same command "
                               "again reuses it", file=sys.stderr)
                     return exit_code(stop.signum)
-                except (CheckpointError, FileNotFoundError) as err:
+                except (Refusal, FileNotFoundError) as err:
                     from ssl_container.distributed import resolve_env
 
                     if resolve_env().is_main:

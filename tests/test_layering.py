@@ -119,6 +119,36 @@ def _package_rule(module: str, target: str) -> str | None:
     return None
 
 
+# The library's own order, bottom up: a module imports its own part and the parts below it, never one above
+# (issue 36 found config -> trainer, signals -> trainer, trainer -> downstream, all now gone). The package's
+# __init__ is exempt: its lazy attributes (``ssl_container.load_backbone``, the model names) load a part when
+# first asked for, the Python convention for a package's public names (docs/design.md).
+LIBRARY_ORDER = (
+    ("utils",),
+    ("models", "data", "distributed", "signals"),
+    ("dino",),
+    ("config",),
+    ("trainer", "train"),
+    ("export",),
+    ("downstream",),
+)
+_RANK = {part: rank for rank, parts in enumerate(LIBRARY_ORDER) for part in parts}
+
+
+def _part(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "ssl_container" and len(parts) > 1 else None
+
+
+def _order_rule(module: str, target: str) -> str | None:
+    src, dst = _part(module), _part(target)
+    if module == "ssl_container" or src not in _RANK or dst not in _RANK or src == dst:
+        return None
+    if _RANK[dst] > _RANK[src]:
+        return f"{src} sits below {dst} in the library's order"
+    return None
+
+
 def _deepspeed_rule(module: str, target: str) -> str | None:
     if _within(target, "deepspeed") and module not in ("ssl_container.trainer.engine",
                                                        "ssl_container.trainer.checkpoint"):
@@ -126,8 +156,8 @@ def _deepspeed_rule(module: str, target: str) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("rule", [_layer_rule, _package_rule, _deepspeed_rule],
-                         ids=["layers", "library-packages", "deepspeed"])
+@pytest.mark.parametrize("rule", [_layer_rule, _package_rule, _order_rule, _deepspeed_rule],
+                         ids=["layers", "library-packages", "library-order", "deepspeed"])
 def test_imports_follow_the_layers(rule):
     bad = _breaches(rule)
     assert not bad, "layering breaches:\n" + "\n".join(bad)
@@ -176,6 +206,10 @@ def test_the_rules_catch_a_breach():
     assert _package_rule("ssl_container.data.stream", "ssl_container.models")
     assert _deepspeed_rule("ssl_container.train", "deepspeed.ops")
     assert _package_rule("ssl_container.utils.files", "ssl_container.config")
+    assert _order_rule("ssl_container.config", "ssl_container.trainer.trackers")
+    assert _order_rule("ssl_container.trainer.knn_monitor", "ssl_container.downstream.visualize")
+    assert _order_rule("ssl_container.signals", "ssl_container.trainer.run_folder")
+    assert not _order_rule("ssl_container.trainer.run", "ssl_container.config")
     assert not _layer_rule("ssl_container.cli.demo", "eval.protocol")
     assert _layer_rule("eval.knn", "study.runner")
     assert _layer_rule("ssl_container.train", "study.plan")

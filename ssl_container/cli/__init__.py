@@ -157,10 +157,11 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         print(f"ssl-container visualize: no such image or folder: {missing[0]}"
               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), file=sys.stderr)
         return 2
-    from ssl_container.downstream.visualize import draw, describe, load_backbone_or_model, load_images
+    from ssl_container.downstream.backbone import eval_backbone
+    from ssl_container.downstream.visualize import draw, describe, load_images
 
     try:
-        model = load_backbone_or_model(args.weights, which=args.which, model_name=args.model, seed=args.seed)
+        model = eval_backbone(args.weights, model=args.model, which=args.which, seed=args.seed)
         images, files = load_images(args.images, size=args.size, limit=args.max_images, fit=args.fit)
     except (FileNotFoundError, ValueError) as err:
         print(f"ssl-container visualize: {err}", file=sys.stderr)

@@ -34,7 +34,7 @@ from torch import nn
 from ssl_container.data.augment import IMAGENET_MEAN, IMAGENET_STD, EvalTransformConfig, eval_transform
 from ssl_container.models.affinity import ContextAggregation, MixedAffinity
 
-__all__ = ["Pictures", "load_backbone_or_model", "pca_basis", "pca_rgb", "feature_maps", "attention_maps", "describe", "draw",
+__all__ = ["Pictures", "pca_basis", "pca_rgb", "feature_maps", "attention_maps", "describe", "draw",
            "load_images", "nearest", "retrieval_grid", "visualize"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -281,25 +281,6 @@ def load_images(paths: Iterable[str | os.PathLike], size: int = 224, limit: int 
             detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(err))[:160]
             raise ValueError(f"{f}: not a readable image ({detail})") from None
     return torch.stack(tensors), files
-
-
-def load_backbone_or_model(weights: str | os.PathLike, which: str | None = None, model_name: str | None = None,
-                           seed: int = 0) -> nn.Module:
-    """An existing path: its weights (``ssl_container.export.load_backbone``); otherwise a model name,
-    randomly initialised from ``seed`` (the floor to compare a pretrained picture with)."""
-    from ssl_container.export import load_backbone
-    from ssl_container.models import create_model
-
-    if Path(weights).exists():
-        return load_backbone(weights, which, model_name=model_name, num_classes=0).eval()
-    import timm
-
-    name = str(weights)
-    if not timm.is_model(name):
-        raise FileNotFoundError(f"{name}: neither a file or folder nor a model name (ssl-container models lists "
-                                "the Container family; any timm model name works too)")
-    torch.manual_seed(seed)
-    return create_model(name, num_classes=0).eval()
 
 
 def describe(model: nn.Module, images: torch.Tensor, stages: Sequence[int] = (-2, -1),

@@ -38,8 +38,8 @@ from torch import nn
 from ssl_container import distributed as D
 from ssl_container.config import CheckpointConfig
 from ssl_container.utils.files import atomic_path, atomic_write_text
-from ssl_container.trainer.run_folder import (STEP_FOLDER, CheckpointError, check_intact, folder_bytes, folder_files, latest_step_dir,
-                                      move_aside, read_latest)
+from ssl_container.trainer.run_folder import (STEP_FOLDER, CheckpointError, check_intact, complete_steps, folder_bytes,
+                                             folder_files, latest_step_dir, move_aside, newest_intact, read_latest)
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,7 @@ class CheckpointManager:
     # -- resume ------------------------------------------------------------------------------------
     def complete_steps(self) -> list[str]:
         """Step folders with a meta.json, oldest first."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if STEP_FOLDER.match(p.name) and (p / "meta.json").is_file())
+        return complete_steps(self.root)
 
     def latest(self) -> str | None:
         """What ``latest`` names (None when it is missing or broken)."""
@@ -193,26 +191,17 @@ class CheckpointManager:
         or damaged) the newest intact one; None when there are no complete checkpoints at all."""
         if getattr(self, "_resume_tag", False) is not False:
             return self._resume_tag
-        tags = self.complete_steps()
-        try:
-            named = read_latest(self.root) if self.root.is_dir() else None
-        except CheckpointError as err:
-            log.warning("%s; looking for the newest intact checkpoint instead", str(err).split(". Point")[0])
-            named = None
-        if named is None and tags:
-            log.warning("%s has complete checkpoints but no usable 'latest': resuming from the newest intact one",
-                        self.root)
-        order = ([named] if named else []) + [t for t in reversed(tags) if t != named]
-        damaged = []
-        for tag in order:
-            problem = check_intact(self.root / tag)
-            if problem is None:
-                if damaged:
-                    log.warning("resuming from %s instead: %s", tag, "; ".join(damaged))
-                self._resume_tag = self._last_good = tag
-                return tag
-            damaged.append(f"{tag} is damaged ({problem})")
-            log.warning("checkpoint %s is damaged: %s", self.root / tag, problem)
+        pick = newest_intact(self.root)  # check_intact: every file against its size and sha256
+        if pick.latest_problem:
+            log.warning("%s: resuming from the newest intact checkpoint", pick.latest_problem)
+        for skipped in pick.damaged:
+            log.warning("checkpoint %s/%s", self.root, skipped)
+        if pick.tag is not None:
+            if pick.damaged:
+                log.warning("resuming from %s instead: %s", pick.tag, "; ".join(pick.damaged))
+            self._resume_tag = self._last_good = pick.tag
+            return pick.tag
+        damaged = pick.damaged
         if damaged:
             raise CheckpointError(
                 f"every checkpoint under {self.root} is damaged: {'; '.join(damaged)}. Nothing was changed; "

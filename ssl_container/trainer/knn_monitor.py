@@ -1,5 +1,5 @@
 """DINO's weighted k-NN vote, and the k-NN monitor the trainer runs on a labelled split (its
-features come from ``ssl_container.downstream.backbone_features.extract_features``, as eval's do).
+features come from ``ssl_container.utils.features.extract_features``, as eval's do).
 
 ``weighted_vote`` is the one implementation of the vote: ``eval.knn`` (faiss search, sharded stores,
 every k) and the trainer's online monitor (brute force on a labelled subset) both call it.
@@ -14,7 +14,7 @@ from torch import nn
 
 from ssl_container.data.augment import EvalTransformConfig
 from ssl_container.data.stream import make_eval_loader
-from ssl_container.downstream.backbone_features import extract_features
+from ssl_container.utils.features import extract_features
 
 __all__ = ["DEFAULT_TEMPERATURE", "OnlineKNN", "knn_accuracy", "weighted_vote"]
 

@@ -1,11 +1,11 @@
 """What a DINO run is made of, and one step of it: ``build_run(cfg, env, device) -> Run`` and
 ``dino_step(run, batches) -> StepRecord``.
 
-The trainer (``train.py``) is the loop over these two; the step benchmark and the tests call the
-very same functions, so a published step time is the trainer's step. ``build_run`` puts the student
-in a DeepSpeed engine with identical initial weights on every rank; distribution (SyncBatchNorm,
-the engine) and speed tricks (fast CPU kernels, ``torch.compile``) are applied here, from outside
-the models.
+The loop (``trainer/loop.py``; ``train.py`` is its command line) runs over these two; the step
+benchmark and the tests call the very same functions, so a published step time is the trainer's step.
+``build_run`` puts the student in a DeepSpeed engine with identical initial weights on every rank;
+distribution (SyncBatchNorm, the engine) and speed tricks (fast CPU kernels, ``torch.compile``) are
+applied here, from outside the models.
 """
 from __future__ import annotations
 

@@ -11,19 +11,21 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from ssl_container.signals import Refusal
+from ssl_container.utils.files import file_problem, sha256_file
 
-from ssl_container.utils.files import sha256_file
-
-__all__ = ["EXPORT_FILES", "STEP_FOLDER", "CheckpointError", "export_target_problem", "is_unsafe_pickle", "check_intact", "folder_bytes", "folder_files", "latest_step_dir", "move_aside",
+__all__ = ["EXPORT_FILES", "STEP_FOLDER", "CheckpointError", "Pick", "check_intact", "complete_steps", "export_target_problem",
+           "folder_bytes", "folder_files", "is_unsafe_pickle", "latest_step_dir", "move_aside", "newest_intact",
            "read_latest"]
 
 STEP_FOLDER = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Refusal):
     """A checkpoint that cannot be used, with what to do about it."""
 
 
@@ -60,14 +62,47 @@ def check_intact(folder: Path) -> str | None:
     except (OSError, ValueError) as err:
         return f"meta.json unreadable ({err})"
     for name, want in (meta.get("files") or {}).items():
-        p = folder / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != want["bytes"]:
-            return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
-        if sha256_file(p) != want["sha256"]:
-            return f"{name} does not match the sha256 recorded when it was written"
+        problem = file_problem(folder / name, want.get("bytes"), want.get("sha256"), name)
+        if problem:
+            return problem
     return None
+
+
+def complete_steps(ckpt_root: Path) -> list[str]:
+    """Step folders with a meta.json, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_root.iterdir() if STEP_FOLDER.match(p.name) and (p / "meta.json").is_file())
+
+
+@dataclass
+class Pick:
+    """Which checkpoint to read (``tag``; None when none passes), and why it is not simply the newest."""
+
+    tag: str | None
+    damaged: list[str] = field(default_factory=list)  # "step_X is damaged (why)", newest first
+    latest_problem: str | None = None  # ``latest`` missing (with complete steps there) or broken
+
+
+def newest_intact(ckpt_root: Path, problem: Callable[[Path], str | None] = check_intact) -> Pick:
+    """The rule every reader of a run folder follows (the trainer's resume, export, the evaluations): the
+    step folder ``latest`` names, else (``latest`` missing or broken, or ``problem`` finds that folder
+    damaged) the newest complete one that ``problem`` passes. Reads only; the caller says what it skipped."""
+    tags = complete_steps(ckpt_root)
+    latest_problem = None
+    try:
+        named = read_latest(ckpt_root) if ckpt_root.is_dir() else None
+    except CheckpointError as err:
+        named, latest_problem = None, str(err).split(". Point")[0]
+    if named is None and tags and latest_problem is None:
+        latest_problem = f"{ckpt_root} has complete checkpoints but no usable 'latest'"
+    damaged = []
+    for tag in ([named] if named else []) + [t for t in reversed(tags) if t != named]:
+        why = problem(ckpt_root / tag)
+        if why is None:
+            return Pick(tag, damaged, latest_problem)
+        damaged.append(f"{tag} is damaged ({why})")
+    return Pick(None, damaged, latest_problem)
 
 
 def move_aside(run_dir: Path) -> Path:

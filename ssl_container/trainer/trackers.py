@@ -19,11 +19,11 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from ssl_container.config import BACKENDS
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "Tracker", "Trackers", "open_trackers"]
-
-BACKENDS = ("tensorboard", "mlflow", "wandb")
 
 
 class Tracker:

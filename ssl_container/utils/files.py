@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_dir", "sha256_file"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_problem", "fsync_dir",
+           "sha256_file"]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -19,6 +20,22 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_problem(path: str | os.PathLike, size: int | None = None, sha256: str | None = None,
+                 name: str | None = None) -> str | None:
+    """What is wrong with ``path`` against the size and sha256 recorded when it was written (None when it
+    matches, or when nothing was recorded), naming it ``name`` (default: the file's name). The size is
+    compared first: it costs no read."""
+    path = Path(path)
+    name = name or path.name
+    if not path.is_file():
+        return f"{name} is missing"
+    if size is not None and path.stat().st_size != size:
+        return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    if sha256 is not None and sha256_file(path) != sha256:
+        return f"{name} does not match the sha256 recorded when it was written"
+    return None
 
 
 def _umask() -> int:

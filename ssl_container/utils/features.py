@@ -1,5 +1,6 @@
 """Backbone features, extracted exactly once: the one forward and the one data-parallel extraction
-that the trainer's k-NN monitor, ``eval.knn``, ``eval.linear`` and ``eval.protocol`` all use.
+(of any ``nn.Module``; nothing here knows the models) that the trainer's k-NN monitor, ``eval.knn``,
+``eval.linear`` and ``eval.protocol`` all use.
 
 * Feature kinds: ``pooled`` (the final pooled feature: what the backbone's ``forward`` returns with no
   classifier; DINO's k-NN and linear feature) and ``concat`` (global-average-pooled outputs of the
