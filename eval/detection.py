@@ -184,7 +184,7 @@ def build_detector(
     weights: str | os.PathLike | None = None,
     *,
     which: str | None = None,
-    min_size: int = 320,
+    min_size: int | tuple[int, ...] = 320,
     max_size: int = 533,
     freeze_at: int = 0,
     norm: str = "frozen_bn",
@@ -473,7 +473,8 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
 
             body = create_model(random_arch[0], num_classes=0, **random_arch[1])
         model = build_detector(
-            args.arch, train_set.num_classes, body, which=args.which, min_size=args.min_size,
+            args.arch, train_set.num_classes, body, which=args.which,
+            min_size=args.min_size[0] if len(args.min_size) == 1 else tuple(args.min_size),
             max_size=args.max_size, freeze_at=args.freeze_at, norm=args.norm, drop_path_rate=args.drop_path,
             **_detector_kwargs(args),
         )
@@ -515,6 +516,8 @@ def _detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         out["box_batch_size_per_image"] = args.roi_batch_size
     if args.proposals_train:
         out["rpn_post_nms_top_n_train"] = args.proposals_train
+    if args.box_head_dim:
+        out["box_head_dim"] = args.box_head_dim
     return out
 
 
@@ -558,10 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-iters", type=int, default=50)
     p.add_argument("--clip-grad", type=float, default=None)
-    p.add_argument("--min-size", type=int, default=320, help="short side the detector resizes to")
+    p.add_argument("--min-size", type=int, nargs="+", default=[320],
+                   help="short side the detector resizes to; several: one at random per training image (multi-scale "
+                        "training), the last for evaluation")
     p.add_argument("--max-size", type=int, default=533, help="long side limit")
     p.add_argument("--roi-batch-size", type=int, default=None,
                    help="Faster R-CNN RoIs sampled per image for the box head (torchvision default 512)")
+    p.add_argument("--box-head-dim", type=int, default=None,
+                   help="Faster R-CNN box head width (torchvision default 1024; 256 fits small datasets)")
     p.add_argument("--proposals-train", type=int, default=None,
                    help="Faster R-CNN RPN proposals kept per image in training (torchvision default 2000)")
     p.add_argument("--freeze-at", type=int, default=0, help="0 none, 1 stem, k stem + stages 1..k-1 (BN always frozen)")

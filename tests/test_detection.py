@@ -112,6 +112,23 @@ def test_detectors_pad_to_32_and_take_exported_weights(tmp_path):
     assert [v.shape[-1] for v in feats.values()] == [20, 10, 5, 3, 2]
 
 
+def test_multi_scale_training_and_a_narrow_box_head():
+    """--min-size A B C: each training batch is resized to one of them, evaluation to the last; --box-head-dim
+    sets the width of the box head's two fully connected layers (and its predictor's input)."""
+    torch.manual_seed(0)
+    det = fasterrcnn_container_light_fpn(3, None, min_size=(64, 96, 128), max_size=400, box_head_dim=256,
+                                         backbone_kwargs=TINY)
+    assert det.roi_heads.box_head.fc6.out_features == 256 and det.roi_heads.box_head.fc6.in_features == 256 * 7 * 7
+    assert det.roi_heads.box_predictor.cls_score.in_features == 256
+    assert det.roi_heads.box_predictor.cls_score.out_features == 3  # background + 2 classes
+    image = torch.rand(3, 100, 150)
+    det.transform.train()
+    seen = {det.transform(images=[image])[0].image_sizes[0][0] for _ in range(40)}
+    assert seen == {64, 96, 128}
+    det.transform.eval()
+    assert det.transform(images=[image])[0].image_sizes[0] == (128, 192)
+
+
 def _coco(split: str, n: int, train: bool):
     from eval.detection import CocoDetection, coco_split
 
