@@ -84,7 +84,7 @@ _MODS = ("no-retain-memory", "stock-kernels", "nchw")
 
 
 def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
-    """The trainer's own run and step (``ssl_container.trainer.run.build_run`` / ``dino_step``) on synthetic crops."""
+    """The trainer's own run and step (``ssl_container.trainer.run.build_run`` / ``train_step``) on synthetic crops."""
     import itertools
     import tempfile
 
@@ -92,7 +92,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
 
     from ssl_container.distributed import cleanup, init_distributed, resolve_env
     from ssl_container.trainer.engine import select_device
-    from ssl_container.trainer.run import build_run, dino_step
+    from ssl_container.trainer.run import build_run, train_step
 
     cfg = _config(args)
     cfg.engine.cpu_retain_memory = cfg.engine.cpu_retain_memory and "no-retain-memory" not in mods
@@ -103,7 +103,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="train_step_") as run_dir:
         cfg.run_dir = run_dir
         run = build_run(cfg, env, device, resume=False)
-        # dino_step moves the crops to the device and to channels_last itself, every step, as in training.
+        # train_step moves the crops to the device and to channels_last itself, every step, as in training.
         batches = itertools.repeat({"crops": _crops(args.batch, 2, args.global_size, args.n_local, args.local_size,
                                                     "cpu")})
         try:
@@ -112,7 +112,7 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
                      "channels_last": cfg.model.channels_last, "retain_memory": cfg.engine.cpu_retain_memory,
                      "fast_cpu_kernels": cfg.engine.fast_cpu_kernels}
             t0 = time.perf_counter()
-            dino_step(run, batches)  # the first step: cuDNN's kernel search, and torch.compile when on
+            train_step(run, batches)  # the first step: cuDNN's kernel search, and torch.compile when on
             if device.type == "cuda":
                 torch.cuda.synchronize()
             extra["first_step_s"] = round(time.perf_counter() - t0, 2)
@@ -120,10 +120,10 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
                 from torch._dynamo.utils import counters
 
                 extra["graphs_first_step"] = counters["stats"]["unique_graphs"]
-            row = _time(lambda: dino_step(run, batches), args, device, "/".join(("deepspeed", *mods)), run.precision,
+            row = _time(lambda: train_step(run, batches), args, device, "/".join(("deepspeed", *mods)), run.precision,
                         extra)
             if args.profile:
-                row.update(_profile(lambda: dino_step(run, batches), device))
+                row.update(_profile(lambda: train_step(run, batches), device))
                 row.update(_split_ops(cfg, device, run.precision, row))
             if cfg.engine.compile:
                 row["graphs_after_first_step"] = counters["stats"]["unique_graphs"] - extra["graphs_first_step"]
@@ -206,7 +206,8 @@ def _split_ops(cfg, device, precision: str, row: dict) -> dict:
     from ssl_container.trainer.engine import autocast_context
     from ssl_container.trainer.run import build_models
 
-    student, teacher = build_models(cfg, device, precision)
+    student, method = build_models(cfg, device, precision)
+    teacher = method.teacher
     student.train()
     teacher.train()
     crops = _crops(cfg.data.batch_size, cfg.data.crops.n_global, cfg.data.crops.global_size, cfg.data.crops.n_local,
@@ -248,7 +249,7 @@ def bench_eager(args) -> dict:
 
     from ssl_container.utils.cpu_kernels import use_fast_cpu_kernels
     from ssl_container.dino import DINOLoss, get_param_groups
-    from ssl_container.trainer.engine import make_teacher
+    from ssl_container.methods.dino import make_teacher
     from ssl_container.trainer.run import build_student
 
     cfg = _config(args)

@@ -24,6 +24,7 @@ import yaml
 from ssl_container.utils.checks import check_fields
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.dino.config import DINOLossConfig, HeadConfig, ScheduleConfig
+from ssl_container.methods.config import METHOD_NAMES, DistillConfig
 from ssl_container.utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True  # resume from the newest intact checkpoint in run_dir
     overwrite: bool = False  # start fresh where checkpoints exist: the old run folder is renamed aside, never deleted
-    allow_changes: list[str] = field(default_factory=list)  # resume although these state keys changed (config.STATE_KEYS)
+    allow_changes: list[str] = field(default_factory=list)  # resume although these state keys changed (trainer/resume.STATE_KEYS)
 
     def __post_init__(self) -> None:
         check_fields(self, "checkpoint", positive=("every_steps", "keep_last"))
@@ -154,9 +155,11 @@ class TrainConfig:
     epochs: int = 100
     max_steps: Optional[int] = None  # stop early (demo, tests) while schedules keep the full length
     max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    method: str = "dino"  # what a step computes (ssl_container/methods): dino | distill
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     dino: DINOLossConfig = field(default_factory=DINOLossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
@@ -167,7 +170,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Sections check themselves; what is left spans sections.
-        check_fields(self, "", positive=("epochs", "max_steps", "max_nonfinite"))
+        check_fields(self, "", positive=("epochs", "max_steps", "max_nonfinite"), choices={"method": METHOD_NAMES})
+        if self.method == "distill" and not self.distill.teacher:
+            raise ValueError("method=distill needs config key 'distill.teacher': an export folder, a run or step "
+                             "folder, a weights file, or a model name with local weights")
         for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
             if getattr(self.schedule, name) > self.epochs:
                 raise ValueError(f"config key 'schedule.{name}' ({getattr(self.schedule, name)}) exceeds 'epochs' "
@@ -332,14 +338,6 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-# Keys whose change reinterprets a saved run: the data position (batch, epoch length, crops), the
-# schedules' lengths, the seed of every random draw. Resuming with another value refuses unless
-# checkpoint.allow_changes names the key.
-STATE_KEYS = ("seed", "data.seed", "epochs", "data.batch_size", "data.samples_per_epoch", "data.urls", "data.weights",
-              "data.crops.", "engine.grad_accum_steps", "schedule.warmup_epochs", "schedule.lr", "schedule.min_lr",
-              "schedule.lr_reference_batch", "schedule.warmup_teacher_temp_epochs", "schedule.freeze_last_layer")
-
-
 def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; ``kwargs`` mappings stay whole (their keys are the model's)."""
     out: dict[str, Any] = {}
@@ -349,42 +347,6 @@ def flatten_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, new value) for every key that differs from a run's saved config.yaml."""
-    old = {MOVED_KEYS.get(k, k): v for k, v in flatten_config(saved).items()}
-    new = flatten_config(config_to_dict(cfg))
-    # A key the saved config does not hold is one an older version did not have: it ran with the default.
-    defaults = flatten_config(config_to_dict(TrainConfig()))
-    return [(k, old.get(k, defaults.get(k)), new.get(k)) for k in sorted(set(old) | set(new))
-            if _comparable(k, old.get(k, defaults.get(k))) != _comparable(k, new.get(k))
-            and not (k in _AUTO_KEYS and None in (old.get(k), new.get(k)))]
-
-
-# Keys whose null means "decided by the run folder" (trainer/resume.py resolves them before comparing):
-# a null on either side is no change.
-_AUTO_KEYS = ("engine.zero_stage",)
-
-
-# Keys holding file paths: a relative and an absolute path to the same file are the same value.
-_PATH_KEYS = ("run_dir", "data.urls", "monitor.train_urls", "monitor.val_urls")
-
-
-def _comparable(key: str, value: Any) -> Any:
-    if key not in _PATH_KEYS or value is None:
-        return value
-
-    def one(v: Any) -> Any:
-        if not isinstance(v, str) or "://" in v or v.startswith("pipe:"):
-            return v
-        return os.path.realpath(os.path.expanduser(v))
-
-    return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
-
-
-def changes_state(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in STATE_KEYS)
 
 
 def config_digest(cfg: TrainConfig) -> str:

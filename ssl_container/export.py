@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ssl_container.utils.files import atomic_path, atomic_write_bytes, file_problem
-from ssl_container.trainer.run_folder import (EXPORT_FILES, CheckpointError, export_target_problem,
+from ssl_container.run_folder import (EXPORT_FILES, CheckpointError, export_target_problem,
                                               is_unsafe_pickle, latest_step_dir, newest_intact)
 
 log = logging.getLogger("ssl_container.export")
@@ -431,13 +431,15 @@ def _from_state_dict(state: Mapping[str, Any], where: Path) -> Checkpoint:
                 key = key[len(prefix):]
         flat[key] = value
     head = None
-    notes = []
+    notes: list[str] = []
     if any(k.startswith("backbone.") for k in flat):
         backbone = {k[len("backbone."):]: v for k, v in flat.items() if k.startswith("backbone.")}
         head = {k[len("head."):]: v for k, v in flat.items() if k.startswith("head.")} or None
-        other = [k for k in flat if not k.startswith(("backbone.", "head."))]
+        other = [k for k in flat if not k.startswith(("backbone.", "head.", "projector."))]
         if other:
             raise CheckpointRefused(f"{where}: unexpected keys {other[:5]} next to backbone.* and head.*")
+        if any(k.startswith("projector.") for k in flat):  # methods/distill.py: training-only
+            notes.append("the distillation projector (projector.*) left out: the export is the backbone only")
     else:
         backbone = flat
     if is_official_state_dict(backbone):

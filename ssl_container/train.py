@@ -15,7 +15,7 @@ import sys
 from typing import Any, Sequence
 
 from ssl_container.config import ConfigError, check_shards, load_config, print_resolved, train_argument_parser
-from ssl_container.trainer.run_folder import CheckpointError
+from ssl_container.run_folder import CheckpointError
 from ssl_container.trainer.run_lock import RunFolderBusy
 from ssl_container.signals import StoppedBySignal, exit_code
 

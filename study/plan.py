@@ -77,7 +77,7 @@ def plan_digest(cfg: StudyConfig, unit: Unit, overrides: Sequence[str]) -> str:
 
 
 def trained_steps(run_dir: Path) -> int:
-    from ssl_container.trainer.run_folder import latest_step_dir
+    from ssl_container.run_folder import latest_step_dir
 
     step_dir = latest_step_dir(run_dir) if run_dir.is_dir() else None
     return int(step_dir.name.split("_")[-1]) if step_dir else 0

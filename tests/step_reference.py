@@ -49,7 +49,7 @@ def run_steps(zero_stage: int, extra: list[str] = (), steps: int = STEPS, save_t
     (default: a temporary one, for one process)."""
     from ssl_container.config import load_config
     from ssl_container.distributed import cleanup, init_distributed, resolve_env
-    from ssl_container.trainer.run import build_run, dino_step
+    from ssl_container.trainer.run import build_run, train_step
 
     torch.set_num_threads(1)
     cfg = load_config(None, [*OVERRIDES, f"engine.zero_stage={zero_stage}", *extra])
@@ -60,9 +60,9 @@ def run_steps(zero_stage: int, extra: list[str] = (), steps: int = STEPS, save_t
             cfg.run_dir = run_dir or d
             run = build_run(cfg, env, device, resume=False)
             it = batches(cfg, env.rank)
-            losses = [dino_step(run, it).metrics["loss"] for _ in range(steps)]
+            losses = [train_step(run, it).metrics["loss"] for _ in range(steps)]
             out = {f"teacher.{k}": v.detach().clone().contiguous() for k, v in run.teacher.state_dict().items()}
-            out["center"] = run.loss.center.detach().clone()
+            out["center"] = run.method.loss.center.detach().clone()
             out["losses"] = torch.tensor(losses, dtype=torch.float64)
             run.close()
             if save_to and env.is_main:

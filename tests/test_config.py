@@ -137,7 +137,8 @@ def test_keys_moved_into_the_schedule_section_still_load_under_their_old_names(t
 
 
 def test_a_config_saved_with_the_old_names_has_no_changes():
-    from ssl_container.config import config_changes, config_to_dict
+    from ssl_container.config import config_to_dict
+    from ssl_container.trainer.resume import config_changes
 
     cfg = load_config(None, ["schedule.lr=0.002"])
     saved = config_to_dict(cfg)

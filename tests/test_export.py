@@ -331,7 +331,7 @@ def test_export_is_a_timm_local_dir_and_hub_folder(tmp_path):
 
 def _record_files(step_dir: Path) -> None:
     """What the trainer writes into meta.json at save time: the size and sha256 of every file."""
-    from ssl_container.trainer.run_folder import folder_files
+    from ssl_container.run_folder import folder_files
 
     meta = json.loads((step_dir / "meta.json").read_text())
     meta["files"] = folder_files(step_dir)

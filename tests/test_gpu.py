@@ -28,7 +28,7 @@ STEPS = r"""
 import itertools, json, sys, torch
 from ssl_container.config import load_config
 from ssl_container.distributed import init_distributed, resolve_env
-from ssl_container.trainer.run import build_run, dino_step
+from ssl_container.trainer.run import build_run, train_step
 cfg = load_config(None, sys.argv[1:])
 device = torch.device("cuda")
 env = init_distributed(device, resolve_env())
@@ -38,7 +38,7 @@ misaligned = [n for net in (run.engine.module, run.teacher) for n, t in net.stat
 torch.manual_seed(0)
 crops = [torch.randn(16, 3, 64, 64) for _ in range(2)] + [torch.randn(16, 3, 32, 32) for _ in range(2)]
 batches = itertools.repeat({"crops": crops})
-losses = [dino_step(run, batches).metrics["loss"] for _ in range(15)]
+losses = [train_step(run, batches).metrics["loss"] for _ in range(15)]
 print(json.dumps({"losses": losses, "misaligned": misaligned, "precision": run.precision}))
 """
 

@@ -241,15 +241,12 @@ def test_narrow_member_is_container_light_at_a_quarter_of_the_widths():
 def test_the_teacher_copy_loses_stochastic_depth_in_ours_and_timms_blocks(name):
     """DINO's teacher has no stochastic depth; the trainer finds the DropPath modules by type, ours
     (timm's attribute names) and timm's alike."""
-    import copy
-
     import timm
 
-    from ssl_container.trainer.run import _disable_drop_path
+    from ssl_container.methods.dino import make_teacher
 
     student = timm.create_model(name, num_classes=0, drop_path_rate=0.2)
-    teacher = copy.deepcopy(student)
-    _disable_drop_path(teacher)
+    teacher = make_teacher(student)
     rates = lambda m: [x.drop_prob for x in m.modules() if hasattr(x, "drop_prob")]  # noqa: E731
     assert max(rates(student)) == pytest.approx(0.2) and len(rates(teacher)) == len(rates(student)) > 4
     assert set(rates(teacher)) == {0.0}

@@ -74,7 +74,7 @@ def test_the_default_zero_stage_resumes_a_zero1_run_at_its_stage(tmp_path):
 def test_overwrite_through_a_symlinked_run_folder_acts_where_the_folder_lives(tmp_path):
     """checkpoint.overwrite=true on RUN -> /scratch/RUN renamed the link, and the new run was created where
     the link had been (a quota-limited home, say)."""
-    from ssl_container.trainer.run_folder import move_aside
+    from ssl_container.run_folder import move_aside
 
     scratch = tmp_path / "scratch" / "run"
     (scratch / "checkpoints" / "step_00000002").mkdir(parents=True)
@@ -102,7 +102,7 @@ class _Evil:
 def test_a_resume_from_an_unsafe_pickle_is_refused_in_one_line_and_runs_nothing(tmp_path):
     import torch
 
-    from ssl_container.trainer.run_folder import folder_files
+    from ssl_container.run_folder import folder_files
     from test_train import TINY, _env
 
     run = tmp_path / "run"

@@ -203,7 +203,7 @@ OVERFIT = r"""
 import itertools, sys, torch
 from ssl_container.config import load_config
 from ssl_container.distributed import init_distributed, resolve_env
-from ssl_container.trainer.run import build_run, dino_step
+from ssl_container.trainer.run import build_run, train_step
 cfg = load_config(None, sys.argv[1:])
 device = torch.device("cpu")
 env = init_distributed(device, resolve_env())
@@ -213,7 +213,7 @@ crops = [torch.randn(8, 3, 64, 64) for _ in range(2)] + [torch.randn(8, 3, 32, 3
 batches = itertools.repeat({"crops": crops})
 losses, kls, used = [], [], []
 for step in range(25):
-    record = dino_step(run, batches).metrics
+    record = train_step(run, batches).metrics
     losses.append(record["loss"])
     kls.append(record["kl"])
     used.append(record["prototypes_used"])

@@ -111,7 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import json
 
-    from ssl_container.trainer.run_folder import export_target_problem
+    from ssl_container.run_folder import export_target_problem
 
     refusal = export_target_problem(Path(args.out), args.overwrite) or \
         (None if Path(args.source).exists() else f"{args.source}: no such file or folder")

@@ -38,7 +38,7 @@ from torch import nn
 from ssl_container import distributed as D
 from ssl_container.config import CheckpointConfig
 from ssl_container.utils.files import atomic_path, atomic_write_text
-from ssl_container.trainer.run_folder import (STEP_FOLDER, CheckpointError, check_intact, complete_steps, folder_bytes,
+from ssl_container.run_folder import (STEP_FOLDER, CheckpointError, check_intact, complete_steps, folder_bytes,
                                              folder_files, latest_step_dir, move_aside, newest_intact, read_latest)
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,10 @@ class TrainState:
     images_seen: int = 0
     # A resume that changed the samples per step (checkpoint.allow_changes) keeps counting steps but
     # re-places the schedules and the data: the schedules read ``step - schedule_shift``, and in the
-    # epoch of the change the streams go on from ``data_base`` ({"epoch", "step", "positions"}).
+    # epoch of the change the streams go on from ``data_base`` ({"epoch", "step", "positions"}); what
+    # these mean is trainer/resume.py's (``data_base_in``).
     schedule_shift: int = 0
     data_base: Optional[dict] = None
-
-    def base_in(self, epoch: int) -> tuple[int, list[int]] | None:
-        """(step, positions) the streams go on from in ``epoch``, where a change was carried over in it."""
-        b = self.data_base
-        return (b["step"], b["positions"]) if b and b["epoch"] == epoch else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainState":

@@ -25,7 +25,6 @@ Choices that follow from DINO's structure (dino.md, local_slurm.md):
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from typing import Any, Iterable
@@ -35,7 +34,7 @@ from torch import nn
 
 from ssl_container.config import EngineConfig, OptimConfig
 from ssl_container.trainer.flat import FlatEMA, FlatParameters
-from ssl_container.trainer.run_folder import CheckpointError, is_unsafe_pickle
+from ssl_container.run_folder import CheckpointError, is_unsafe_pickle
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,6 @@ __all__ = [
     "build_deepspeed_config",
     "build_optimizer",
     "initialize_engine",
-    "make_teacher",
     "compile_backbones",
     "TeacherEMA",
     "owns_gradients",
@@ -275,15 +273,6 @@ def compile_backbones(*models: nn.Module, mode: str = "default") -> int:
             module.compile(dynamic=False, mode=None if mode == "default" else mode)
             compiled += 1
     return compiled
-
-
-def make_teacher(student: nn.Module) -> nn.Module:
-    """An fp32 copy of the student that never receives gradients. It stays in train mode during
-    training: with BatchNorm backbones DINO's teacher normalises with its batch statistics."""
-    teacher = copy.deepcopy(student).float()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 def _fp32_source_params(engine: Any, names: Iterable[str]) -> list[torch.Tensor]:

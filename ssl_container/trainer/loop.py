@@ -1,8 +1,9 @@
 """The training loop, readable top to bottom: ``train(cfg)``.
 
-``build_run`` (run.py) makes the run: student in a DeepSpeed engine, EMA teacher, loss, schedules,
-checkpoints, resumed state. This module is the loop over ``dino_step`` (run.py: the teacher sees the
-global crops, the student all crops -> DINO loss -> backward and a scheduled update -> EMA): one
+``build_run`` (run.py) makes the run: student in a DeepSpeed engine, the method (methods/: DINO's EMA
+teacher and loss, or distillation's frozen teacher), schedules, checkpoints, resumed state. This module
+is the loop over ``train_step`` (run.py: the method's losses -> backward and a scheduled update -> the
+EMA when the method has one): one
 WebDataset loader for all epochs, metrics and collapse warnings per step, a checkpoint every
 ``checkpoint.every_steps``, the online k-NN monitor at epoch ends, a stop signal honoured at a step
 boundary. The command line (``ssl_container.train``) imports it only once the config is good, so
@@ -25,7 +26,7 @@ from ssl_container.dino import CollapseMonitor
 from ssl_container.trainer.engine import select_device
 from ssl_container.trainer.knn_monitor import OnlineKNN
 from ssl_container.trainer.metrics import MetricsLogger, plot_run
-from ssl_container.trainer.run import Run, build_run, dino_step
+from ssl_container.trainer.run import Run, build_run, train_step
 from ssl_container.signals import GracefulStop, StoppedBySignal
 from ssl_container.utils.files import atomic_write_json
 from ssl_container.trainer.trackers import Trackers, open_trackers
@@ -44,11 +45,11 @@ class LoaderWorkerDied(RuntimeError):
 
 
 def _step(run: Run, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    """``dino_step``; if a loader worker dies while it fetches, the step has not changed the weights
+    """``train_step``; if a loader worker dies while it fetches, the step has not changed the weights
     or the optimizer (a fetch comes before any update, and accumulated gradients are not saved), so a
     single-rank run saves at this step boundary before stopping: nothing since the last save is lost."""
     try:
-        return dino_step(run, batches).metrics
+        return train_step(run, batches).metrics
     except RuntimeError as err:
         said = str(err).strip().splitlines()[0].rstrip(". ")
         # A worker's death only: PyTorch re-raises a worker's own exception as "Caught X in DataLoader
@@ -103,7 +104,7 @@ def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
                 run.save()
             epoch_done, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
             if monitor is not None and in_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
-                metrics.scalars("knn", state.step, monitor.run(run.teacher.backbone))
+                metrics.scalars("knn", state.step, monitor.run(run.method.monitored(run.engine.module)))
     return _finish(run, metrics)
 
 
@@ -152,9 +153,9 @@ def _stepping(loader: Any, metrics: MetricsLogger) -> Iterator[Iterator[dict[str
 def _announce(run: Run) -> None:
     cfg = run.cfg
     if run.env.is_main:
-        log.info("DINO %s: %d steps (%d per epoch, %d epochs), %d rank(s), batch %d/rank, %s, ZeRO-%d, from step %d",
-                 cfg.model.name, run.total_steps, run.iters_per_epoch, cfg.epochs, run.env.world_size,
-                 cfg.data.batch_size, run.precision, cfg.engine.zero_stage, run.state.step)
+        log.info("%s %s: %d steps (%d per epoch, %d epochs), %d rank(s), batch %d/rank, %s, ZeRO-%d, from step %d",
+                 "DINO" if cfg.method == "dino" else cfg.method, cfg.model.name, run.total_steps, run.iters_per_epoch,
+                 cfg.epochs, run.env.world_size, cfg.data.batch_size, run.precision, cfg.engine.zero_stage, run.state.step)
 
 
 def _watch(run: Run, collapse: CollapseMonitor, metrics: MetricsLogger, record: dict[str, Any]) -> None:

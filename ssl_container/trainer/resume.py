@@ -11,21 +11,72 @@ before anything is written; ``build_run`` applies the result.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ssl_container.config import (ConfigError, TrainConfig, changes_state, config_changes, data_config,
+from ssl_container.config import (MOVED_KEYS, ConfigError, TrainConfig, config_to_dict, data_config, flatten_config,
                                   load_config)
 from ssl_container.data.stream import samples_per_rank, steps_per_epoch, stream_positions
 from ssl_container.trainer.checkpoint import CheckpointError, CheckpointManager, TrainState
 
 log = logging.getLogger("ssl_container.train")
 
-__all__ = ["ResumePlan", "carry_position", "check_carried_streams", "fresh_start_refusal", "make_plan", "plan_resume",
-           "preview", "reference_config", "resolve_zero_stage"]
+__all__ = ["STATE_KEYS", "ResumePlan", "carry_position", "changes_state", "check_carried_streams", "config_changes",
+           "data_base_in", "fresh_start_refusal", "make_plan", "plan_resume", "preview", "reference_config",
+           "resolve_zero_stage"]
+
+# Keys whose change reinterprets a saved run: the method and its teacher, the data position (batch, epoch
+# length, crops), the schedules' lengths, the seed of every random draw. Resuming with another value
+# refuses unless checkpoint.allow_changes names the key.
+STATE_KEYS = ("method", "distill.", "seed", "data.seed", "epochs", "data.batch_size", "data.samples_per_epoch",
+              "data.urls", "data.weights", "data.crops.", "engine.grad_accum_steps", "schedule.warmup_epochs", "schedule.lr", "schedule.min_lr",
+              "schedule.lr_reference_batch", "schedule.warmup_teacher_temp_epochs", "schedule.freeze_last_layer")
+
+
+def data_base_in(state: TrainState, epoch: int) -> tuple[int, list[int]] | None:
+    """(step, positions) the streams go on from in ``epoch``, where a change was carried over in it."""
+    b = state.data_base
+    return (b["step"], b["positions"]) if b and b["epoch"] == epoch else None
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every key that differs from a run's saved config.yaml."""
+    old = {MOVED_KEYS.get(k, k): v for k, v in flatten_config(saved).items()}
+    new = flatten_config(config_to_dict(cfg))
+    # A key the saved config does not hold is one an older version did not have: it ran with the default.
+    defaults = flatten_config(config_to_dict(TrainConfig()))
+    return [(k, old.get(k, defaults.get(k)), new.get(k)) for k in sorted(set(old) | set(new))
+            if _comparable(k, old.get(k, defaults.get(k))) != _comparable(k, new.get(k))
+            and not (k in _AUTO_KEYS and None in (old.get(k), new.get(k)))]
+
+
+# Keys whose null means "decided by the run folder" (resolve_zero_stage, before comparing): a null on
+# either side is no change.
+_AUTO_KEYS = ("engine.zero_stage",)
+
+
+# Keys holding file paths: a relative and an absolute path to the same file are the same value.
+_PATH_KEYS = ("run_dir", "data.urls", "monitor.train_urls", "monitor.val_urls")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key not in _PATH_KEYS or value is None:
+        return value
+
+    def one(v: Any) -> Any:
+        if not isinstance(v, str) or "://" in v or v.startswith("pipe:"):
+            return v
+        return os.path.realpath(os.path.expanduser(v))
+
+    return [one(v) for v in value] if isinstance(value, (list, tuple)) else one(value)
+
+
+def changes_state(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in STATE_KEYS)
 
 
 @dataclass
@@ -224,7 +275,7 @@ def carry_position(state: TrainState, old: TrainConfig, cfg: TrainConfig, iters_
             "carries each data stream's position only with the same streams: keep "
             f"data.num_workers={old_data.num_workers} and {old_world_size} rank(s) for this resume (change them at an "
             "epoch boundary). Nothing has been changed.")
-    positions = stream_positions(k * old_accum, streams, old_data.batch_size, state.base_in(epoch)) if k else [0] * streams
+    positions = stream_positions(k * old_accum, streams, old_data.batch_size, data_base_in(state, epoch)) if k else [0] * streams
     left = samples_per_rank(new_data, world_size) - sum(positions)
     new_k = min(iters_per_epoch, max(0, iters_per_epoch - left // (new_data.batch_size * accum))) if k else 0
     state.schedule_shift = state.step - (epoch * iters_per_epoch + new_k)
@@ -236,7 +287,7 @@ def check_carried_streams(state: TrainState, cfg: TrainConfig, iters_per_epoch: 
     """Positions carried over by an earlier change hold for the streams they were counted in: until that
     epoch ends, another data.num_workers or number of ranks is refused before anything is written."""
     base = state.data_base
-    if not state.base_in((state.step - state.schedule_shift) // iters_per_epoch):
+    if not data_base_in(state, (state.step - state.schedule_shift) // iters_per_epoch):
         return
     if len(base["positions"]) != max(1, cfg.data.num_workers) or world_size != saved_world_size:
         raise CheckpointError(

@@ -1,5 +1,5 @@
 """What a DINO run is made of, and one step of it: ``build_run(cfg, env, device) -> Run`` and
-``dino_step(run, batches) -> StepRecord``.
+``train_step(run, batches) -> StepRecord`` (generic: the method in ``run.method`` computes the losses).
 
 The loop (``trainer/loop.py``; ``train.py`` is its command line) runs over these two; the step
 benchmark and the tests call the very same functions, so a published step time is the trainer's step.
@@ -14,7 +14,7 @@ import logging
 import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,27 +28,24 @@ from ssl_container.config import (ConfigError, TrainConfig, config_digest, data_
 from ssl_container.utils.cpu_kernels import use_fast_cpu_kernels
 from ssl_container.data.config import TrainDataConfig
 from ssl_container.data.stream import make_train_loader, steps_per_epoch
-from ssl_container.dino import DINOHead, DINOLoss, DINOSchedules, MultiCropWrapper, get_param_groups, koleo_loss
+from ssl_container.dino import DINOSchedules, get_param_groups
+from ssl_container.methods import build_method
+from ssl_container.methods.base import Method
 from ssl_container.trainer.engine import (TeacherEMA, autocast_context, build_optimizer, compile_backbones,
-                                          effective_precision, initialize_engine, make_teacher)
+                                          effective_precision, initialize_engine)
 from ssl_container.trainer.flat import FlatParameters, pack_buffers
-from ssl_container.models import create_model
-from ssl_container.models.container import DropPath
-from ssl_container.trainer.resume import fresh_start_refusal, plan_resume, resolve_zero_stage
+from ssl_container.trainer.resume import data_base_in, fresh_start_refusal, plan_resume, resolve_zero_stage
 from ssl_container.trainer.run_lock import RunFolderBusy, RunLock
 from ssl_container.utils.runtime import retain_freed_memory
 
 log = logging.getLogger("ssl_container.train")
 
-__all__ = ["Run", "StepRecord", "build_run", "build_student", "data_config", "dino_step"]
+__all__ = ["Run", "StepRecord", "build_models", "build_run", "build_student", "data_config", "train_step"]
 
 
-def build_student(cfg: TrainConfig) -> MultiCropWrapper:
-    backbone = create_model(cfg.model.name, num_classes=0, drop_path_rate=cfg.model.drop_path_rate, **cfg.model.kwargs)
-    if cfg.model.grad_checkpointing:
-        backbone.set_grad_checkpointing(True)
-    head = DINOHead(backbone.num_features, **asdict(cfg.head))
-    return MultiCropWrapper(backbone, head)
+def build_student(cfg: TrainConfig) -> nn.Module:
+    """The student ``cfg.method`` trains, freshly initialised (benchmarks, FLOP counts)."""
+    return build_method(cfg).build_student()
 
 
 @dataclass
@@ -59,17 +56,16 @@ class Run:
     env: D.DistEnv
     device: torch.device
     precision: str
-    engine: Any  # the student inside its DeepSpeed engine; engine.module is the MultiCropWrapper
+    engine: Any  # the student inside its DeepSpeed engine; engine.module is the method's student
     optimizer: torch.optim.Optimizer
-    teacher: nn.Module
-    loss: DINOLoss
+    method: Method  # the teacher, the losses and their state (methods/); the student is engine.module
     schedules: DINOSchedules
     data: TrainDataConfig
     checkpoints: CheckpointManager
     state: TrainState
     total_steps: int
     iters_per_epoch: int
-    ema: TeacherEMA
+    ema: TeacherEMA | None  # the method's EMA teacher, when it has one
     grads: FlatParameters | None = None  # the student's gradients where the trainer averages and clips them
     # BatchNorm statistics and the center move in every forward: a skipped step restores them from
     # a copy taken before each step into ``saved_buffers`` (allocated once). Every buffer of the
@@ -99,12 +95,13 @@ class Run:
         self.engine.step()
         return norm
 
-    def end_step(self, finite: bool, momentum: float, grad_norm: torch.Tensor | None) -> Any:
+    def end_step(self, finite: bool, momentum: float | None, grad_norm: torch.Tensor | None) -> Any:
         """The teacher's EMA after a good step, the buffers restored after a skipped one; counts the step
         and returns the gradient norm to log (None for a skipped step)."""
         state = self.state
         if finite:
-            self.ema(momentum)
+            if self.ema is not None:
+                self.ema(momentum)
             state.consecutive_nonfinite = 0
         else:
             torch._foreach_copy_(self.buffers, self.saved_buffers)
@@ -130,7 +127,7 @@ class Run:
         epoch, in_epoch = divmod(self.schedule_step, self.iters_per_epoch)
         accum = self.cfg.engine.grad_accum_steps
         return make_train_loader(self.data, self.env.rank, self.env.world_size, epoch, start_step=in_epoch * accum,
-                                 device=self.device, base=self.state.base_in(epoch), epochs=None,
+                                 device=self.device, base=data_base_in(self.state, epoch), epochs=None,
                                  steps=self.iters_per_epoch * accum)
 
     def close(self) -> None:
@@ -143,8 +140,12 @@ class Run:
 
     @property
     def stateful(self) -> dict[str, nn.Module]:
-        """What a checkpoint holds besides the engine, by name (file names in the step folder)."""
-        return {"teacher": self.teacher, "dino_state": self.loss}
+        """What a checkpoint holds besides the engine, by name (file names in the step folder): the method's."""
+        return self.method.stateful()
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return getattr(self.method, "teacher", None)
 
 
 @dataclass
@@ -164,15 +165,6 @@ def _set_cpu_threads(cfg: TrainConfig, env: D.DistEnv, device: torch.device) -> 
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(max(1, cores // max(env.local_world_size, 1) - cfg.data.num_workers))
-
-
-def _disable_drop_path(model: nn.Module) -> None:
-    """DINO's teacher has no stochastic depth; a deep copy of the student would inherit it."""
-    from timm.layers import DropPath as TimmDropPath
-
-    for m in model.modules():
-        if isinstance(m, (DropPath, TimmDropPath)):  # ours, and timm's in a timm backbone
-            m.drop_prob = 0.0
 
 
 def _check_crops(cfg: TrainConfig, backbone: nn.Module) -> None:
@@ -215,19 +207,8 @@ def build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bo
     return run
 
 
-def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None,
-               lock: RunLock | None) -> Run:
-    run_dir = Path(cfg.run_dir)
-    precision = effective_precision(cfg.engine, device)
-    _set_cpu_threads(cfg, env, device)
-    if device.type == "cpu" and cfg.engine.cpu_retain_memory:
-        retain_freed_memory()
-
-    student, teacher = build_models(cfg, device, precision)
-    crops = cfg.data.crops
-    loss = DINOLoss.from_config(cfg.dino, cfg.head.out_dim, crops.n_global + crops.n_local, crops.n_global).to(device)
-
-    # --- data and schedules -----------------------------------------------------------------------
+def _data_and_schedules(cfg: TrainConfig, env: D.DistEnv) -> tuple[TrainDataConfig, int, DINOSchedules]:
+    """The data stream's config, optimizer steps per epoch, and the schedules over them."""
     dcfg = data_config(cfg)
     accum = cfg.engine.grad_accum_steps
     micro_per_epoch = steps_per_epoch(dcfg, env.world_size)
@@ -236,6 +217,19 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
         raise ConfigError(f"an epoch has {micro_per_epoch} batches per rank, fewer than engine.grad_accum_steps={accum}: "
                           "raise data.samples_per_epoch or lower engine.grad_accum_steps")
     sched = DINOSchedules(cfg.epochs, iters_per_epoch, cfg.data.batch_size * accum * env.world_size, cfg.schedule)
+    return dcfg, iters_per_epoch, sched
+
+
+def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: bool | None,
+               lock: RunLock | None) -> Run:
+    run_dir = Path(cfg.run_dir)
+    precision = effective_precision(cfg.engine, device)
+    _set_cpu_threads(cfg, env, device)
+    if device.type == "cpu" and cfg.engine.cpu_retain_memory:
+        retain_freed_memory()
+
+    student, method = build_models(cfg, device, precision)
+    dcfg, iters_per_epoch, sched = _data_and_schedules(cfg, env)
 
     # --- checked before anything is written: crops, the run folder's checkpoints ----------------------
     _check_crops(cfg, student.backbone)
@@ -244,7 +238,8 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
     resolve_zero_stage(cfg, ckpt, resume)  # before the config is compared, recorded or saved
     ckpt.meta = {
         "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
-        "head": {"in_dim": student.backbone.num_features, **asdict(cfg.head)},
+        "method": cfg.method,
+        **method.checkpoint_meta(student),
         "config_sha256": config_digest(cfg),
         "config": config_to_dict(cfg),  # the reference a resume compares its config with
     }
@@ -269,40 +264,52 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
                                                      world_size=env.world_size, load_universal=universal)
     if env.is_main:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
-    state = (ckpt.load(engine, {"teacher": teacher, "dino_state": loss}, universal) if resume else None) or TrainState()
+    state = (ckpt.load(engine, method.stateful(), universal) if resume else None) or TrainState()
     state.consecutive_nonfinite = 0  # a restart (after a divergence stop, with a lower lr) gets fresh tries
     if carried is not None and carried.step == state.step:
         state.schedule_shift, state.data_base = carried.schedule_shift, carried.data_base
     end = sched.total_iters + state.schedule_shift  # the step count at the schedules' end
     engine.train()
-    teacher.train()  # batch statistics, as DINO's teacher
+    target = method.ema_target()
+    if target is not None:
+        target.train()  # batch statistics, as DINO's teacher
     # After the load: the teacher takes the student's storage layout and the buffers move into flat
     # tensors, values kept (a load copies into tensors in place, so either order would do).
-    ema = TeacherEMA(teacher, engine)
+    ema = TeacherEMA(target, engine) if target is not None else None
     return Run(cfg=cfg, env=env, device=device, precision=precision, engine=engine, optimizer=optimizer,
-               teacher=teacher, loss=loss, schedules=sched, data=dcfg, checkpoints=ckpt, state=state,
+               method=method, schedules=sched, data=dcfg, checkpoints=ckpt, state=state,
                total_steps=min(end, cfg.max_steps or end), iters_per_epoch=iters_per_epoch, ema=ema, grads=grads,
-               buffers=pack_buffers((teacher, engine.module, loss)))
+               buffers=pack_buffers(_buffer_order(method, engine.module)))
 
 
-def build_models(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[MultiCropWrapper, nn.Module]:
-    """Student and teacher with identical initial weights on every rank; distribution (SyncBatchNorm)
-    and speed (CPU kernels, regional compile) applied from outside the models."""
+def _buffer_order(method: Method, student: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules whose buffers a step moves, in the order the trainer packed them before methods were
+    modules (teacher, student, loss state): the flat tensors, and so the step's arithmetic, are unchanged."""
+    moving = method.moving()
+    return (*moving[:1], student, *moving[1:])
+
+
+def build_models(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[nn.Module, Method]:
+    """The student and the method (its teacher, losses) with identical initial weights on every rank;
+    distribution (SyncBatchNorm) and speed (CPU kernels, regional compile) applied from outside the models."""
+    try:
+        method = build_method(cfg)
+    except ValueError as err:  # a distillation teacher that cannot be read
+        raise ConfigError(str(err)) from None
     torch.manual_seed(cfg.seed)
     try:
-        student = build_student(cfg)
+        student = method.build_student()
     except ValueError as err:  # an unknown model name, or kwargs it does not take
         raise ConfigError(f"model.name={cfg.model.name}: {err}") from None
     student = D.maybe_sync_batchnorm(student, device).to(device)
     if device.type == "cpu" and precision == "fp32" and cfg.engine.fast_cpu_kernels and not cfg.engine.compile:
-        use_fast_cpu_kernels(student)  # the teacher, a deep copy, inherits them (compiled blocks: inductor's own)
-    teacher = make_teacher(student)
-    _disable_drop_path(teacher)
+        use_fast_cpu_kernels(student)  # DINO's teacher, a deep copy, inherits them (compiled blocks: inductor's own)
+    method.attach(student, device)
     if cfg.engine.compile:
-        compile_backbones(student, teacher, mode=cfg.engine.compile_mode)
+        compile_backbones(student, *method.networks(), mode=cfg.engine.compile_mode)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # crop sizes are fixed: pick each convolution's fastest kernel once
-    return student, teacher
+    return student, method
 
 
 def _start_over(cfg: TrainConfig, env: D.DistEnv, existing: list[str], lock: RunLock | None) -> None:
@@ -337,18 +344,19 @@ def _to_host(values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
-    """One optimizer step over ``engine.grad_accum_steps`` batches of crops: the teacher sees the
-    global crops, the student all of them; DINO loss (+ KoLeo) -> backward -> scheduled update -> EMA.
-    A non-finite loss on any rank skips the step on every rank and leaves every buffer untouched."""
-    cfg, state, engine, dino_loss = run.cfg, run.state, run.engine, run.loss
-    it, accum, n_global = state.step, cfg.engine.grad_accum_steps, cfg.data.crops.n_global
+def train_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
+    """One optimizer step over ``engine.grad_accum_steps`` batches of crops: the method's losses (DINO:
+    the teacher sees the global crops, the student all of them) -> backward -> scheduled update -> the
+    EMA of the method's teacher. A non-finite loss on any rank skips the step on every rank and leaves
+    every buffer untouched. Nothing here knows a method's config: ``run.method`` does."""
+    cfg, state, engine = run.cfg, run.state, run.engine
+    it, accum = state.step, cfg.engine.grad_accum_steps
     at = run.schedule_step
     values = run.schedules.apply(run.optimizer, at)
-    momentum, teacher_temp = run.schedules.momentum(at), run.schedules.teacher_temp(at)
+    method_values = run.method.step_values(run.schedules, at)
     t0 = time.perf_counter()
     wait = 0.0
-    losses, finite_all, images, stats, koleo_values = [], True, 0, {}, []
+    losses, finite_all, images, stats = [], True, 0, {}
     run.begin_step()
     grad_norm = None
     for micro in range(accum):
@@ -361,39 +369,28 @@ def dino_step(run: Run, batches: Iterator[dict[str, Any]]) -> StepRecord:
         if cfg.model.channels_last:
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         images += crops[0].shape[0]
-        with torch.no_grad(), autocast_context(run.precision, run.device):
-            teacher_out = run.teacher(crops[:n_global])
-        if cfg.dino.koleo_weight > 0:
-            feats, student_out = engine(crops, return_features=True)
-        else:
-            student_out = engine(crops)
-        loss = dino_loss(student_out, teacher_out, teacher_temp)
-        if cfg.dino.koleo_weight > 0:
-            # DINOv2: on the student's global crops, each crop's batch on its own.
-            koleo = sum(koleo_loss(f) for f in feats[:n_global * crops[0].shape[0]].chunk(n_global))
-            koleo_values.append(koleo.detach().float())
-            loss = loss + cfg.dino.koleo_weight * koleo
+        out = run.method.losses(engine, crops, method_values, lambda: autocast_context(run.precision, run.device))
+        loss = out.loss
         # Every rank must take the same branch, or the gradient all-reduce waits forever.
         finite = D.all_reduce_min(bool(torch.isfinite(loss).item()), run.device)
         if not finite:
             finite_all = False
             if accum == 1:
                 break  # no backward, no optimizer step: the step is skipped exactly
-            loss = student_out.float().sum() * 0.0  # the poisoned micro-batch contributes no gradient
+            loss = out.anchor.float().sum() * 0.0  # the poisoned micro-batch contributes no gradient
         engine.backward(loss)
         grad_norm = run.update(boundary=micro == accum - 1)
         # Tensors until the step ends: one transfer to the host per step, not one per value.
         losses.append(loss.detach().float() if finite else torch.tensor(float("nan"), device=run.device))
-        stats = dict(dino_loss.last_stats) if finite else {}
-    grad_norm = run.end_step(finite_all, momentum, grad_norm)
+        stats = dict(out.stats) if finite else {}
+    grad_norm = run.end_step(finite_all, method_values.get("momentum"), grad_norm)
     state.images_seen += images * run.env.world_size
     host = _to_host({**({"loss": torch.stack(losses).mean()} if losses else {}), **stats,
-                     **({"koleo": torch.stack(koleo_values).mean()} if koleo_values else {}),
                      **({"grad_norm": grad_norm} if grad_norm is not None else {})})
     elapsed = time.perf_counter() - t0  # after the copy to the host: the device's work is in it
     metrics = {
         "loss": host.pop("loss") if finite_all else host.pop("loss", float("nan")) * float("nan"),
-        "lr": values["lr"], "wd": values["wd"], "momentum": momentum, "teacher_temp": teacher_temp,
+        "lr": values["lr"], "wd": values["wd"], **method_values,
         "grad_norm": host.pop("grad_norm", None),
         "images_per_s": images * run.env.world_size / max(elapsed, 1e-9),
         "data_wait": wait / max(elapsed, 1e-9),
