@@ -28,6 +28,9 @@ __all__ = ["StudyError", "run_units", "train_unit", "evaluate_unit"]
 
 # Curve points and floors are small models on small images: where the training ran, else the CPU.
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# What a curve point evaluates: the teacher where the method keeps one (DINO), else the student (distillation,
+# whose teacher is an input and is not saved).
+EVALUATED = None
 
 
 class StudyError(RuntimeError):
@@ -191,7 +194,7 @@ def evaluate_unit(cfg: StudyConfig, unit: Unit, overrides: list[str], splits: Sp
     for step_dir in _step_dirs(unit.run_dir, every, plan["steps"]):
         step = int(step_dir.name.split("_")[-1])
         if step not in done:
-            top = splits.knn(load_backbone(step_dir, "teacher").to(_DEVICE), cfg.knn)
+            top = splits.knn(load_backbone(step_dir, EVALUATED).to(_DEVICE), cfg.knn)
             done[step] = {"step": step, "train_seconds": round(seconds_at.get(step, float("nan")), 1),
                           "knn": round(top["top1"], 2), "knn_top5": round(top["top5"], 2)}
             log(f"  step {step}: k-NN {top['top1']:.2f} %")
@@ -208,7 +211,7 @@ def evaluate_unit(cfg: StudyConfig, unit: Unit, overrides: list[str], splits: Sp
                knn_pixels=floors["knn"], final_checkpoint=str(final))
     res["transfer"] = None
     if cfg.transfer is not None:
-        top = splits.knn(load_backbone(final, "teacher").to(_DEVICE), cfg.transfer)
+        top = splits.knn(load_backbone(final, EVALUATED).to(_DEVICE), cfg.transfer)
         res["transfer"] = {"dataset": cfg.transfer.path, "resolution": cfg.transfer.resolution,
                            "num_reference": top["num_reference"], "num_held_out": top["num_held_out"],
                            "knn": round(top["top1"], 2),
