@@ -25,7 +25,7 @@ demo: setup
 	$(PY) -m ssl_container demo --overwrite
 
 test: setup system-packages
-	$(PY) -m pytest -q -rs --durations=25
+	$(PY) -m pytest -q -rs --durations=25 -n 2 --dist loadfile
 
 # What the Slurm tests (a real single-node cluster: slurmctld, slurmd, munge, slurmdbd + MariaDB) and the
 # demo's fallback data need from Debian. Installed when we are root with apt; otherwise the list of what

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from ssl_container.trainer.metrics import read_metrics
+from test_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = REPO.parent / "shared" / "data" / "imagenette"
@@ -22,14 +23,14 @@ FIXTURE = REPO / "tests" / "fixtures" / "run_before_methods"
 needs_shards = pytest.mark.skipif(not (SHARDS / "dataset.json").is_file(),
                                   reason="needs ../shared/data/imagenette (the real shards)")
 
-# The fixture's recipe (a Container of widths 8-64 keeps the committed checkpoint under 2 MB).
-SMALL = [
-    f"data.urls=[{SHARDS}/train-{{000000..000009}}.tar]",
-    "data.batch_size=4", "data.num_workers=1", "data.crops.global_size=64", "data.crops.local_size=32",
-    "data.crops.n_local=2", "data.samples_per_epoch=24", "head.out_dim=64", "head.hidden_dim=32",
-    "head.bottleneck_dim=16", "epochs=2", "schedule.warmup_epochs=0", "engine.precision=fp32",
-    "logging.tensorboard=false", "model.kwargs={embed_dims: [8,16,32,64], depths: [1,1,1,1]}",
-]
+# The fixture's recipe: test_train's, with a Container of widths 8-64 and a smaller head (the committed
+# checkpoint stays under 2 MB).
+_SMALLER = {"head.out_dim=256": "head.out_dim=64", "head.hidden_dim=128": "head.hidden_dim=32",
+            "head.bottleneck_dim=64": "head.bottleneck_dim=16",
+            "model.kwargs={embed_dims: [16,32,64,128], depths: [1,1,1,1]}":
+                "model.kwargs={embed_dims: [8,16,32,64], depths: [1,1,1,1]}"}
+SMALL = [_SMALLER.get(x, x) for x in TINY]
+assert len(set(SMALL) - set(TINY)) == len(_SMALLER)
 
 
 def _run(run_dir, *overrides, check=True):
