@@ -131,6 +131,13 @@ def test_distillation_trains_resumes_exactly_and_exports_the_student(tmp_path):
     meta = json.loads((step / "meta.json").read_text())
     assert meta["method"] == "distill" and meta["distill"]["teacher"] == str(teacher_run) and "head" not in meta
 
+    # The teacher's run goes on: the same path now holds other weights, and a resume refuses to distil from them.
+    _run(teacher_run, "max_steps=4", "checkpoint.every_steps=2")
+    files = {p: p.read_bytes() for p in split.rglob("*") if p.is_file()}
+    proc = _run(split, *distill, "max_steps=8", check=False)
+    assert proc.returncode == 2 and "now holds other weights than the teacher this run was distilled from" in proc.stderr
+    assert {p: p.read_bytes() for p in split.rglob("*") if p.is_file()} == files
+
     from ssl_container.export import export, load_backbone
 
     out = export(full, tmp_path / "export")

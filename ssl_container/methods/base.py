@@ -77,3 +77,7 @@ class Method(nn.Module):
     def checkpoint_meta(self, student: nn.Module) -> dict[str, Any]:
         """What a checkpoint's meta.json records of the method (export reads DINO's ``head``)."""
         return {}
+
+    def resume_refusal(self, saved: dict[str, Any]) -> str | None:
+        """Why this method may not go on from a checkpoint whose meta.json is ``saved`` (None: it may)."""
+        return None

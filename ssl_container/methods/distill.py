@@ -53,6 +53,17 @@ def read_teacher(spec: str, which: str = "teacher", model: str | None = None) ->
     return net.eval()
 
 
+def _digest(net: nn.Module) -> str:
+    """sha256 of a network's state (names, shapes and values), to recognise the same teacher on a resume."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _maps_and_pooled(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(last feature map or tokens, pooled feature) from one pass, through timm's two-part forward."""
     maps = backbone.forward_features(x)
@@ -103,6 +114,7 @@ class DistillMethod(Method):
         # Read at build time: the student's projector needs the teacher's width, and a wrong path is
         # refused before the run folder is touched.
         self.teacher = read_teacher(cfg.teacher, cfg.which, cfg.teacher_model)
+        self.teacher_sha256 = _digest(self.teacher)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "DistillMethod":
@@ -141,4 +153,16 @@ class DistillMethod(Method):
         return ()  # the teacher is frozen and in eval mode; the student's buffers are the engine's
 
     def checkpoint_meta(self, student: nn.Module) -> dict[str, Any]:
-        return {"distill": {"teacher": self.cfg.teacher, "teacher_features": self.teacher.num_features}}
+        return {"distill": {"teacher": self.cfg.teacher, "teacher_features": self.teacher.num_features,
+                            "teacher_sha256": self.teacher_sha256}}
+
+    def resume_refusal(self, saved: dict[str, Any]) -> str | None:
+        """The same path may hold other weights by now (a run folder whose training went on): a resume
+        distils from the teacher it started with, or refuses."""
+        recorded = (saved.get("distill") or {}).get("teacher_sha256")
+        if recorded is None or recorded == self.teacher_sha256:
+            return None
+        return (f"distill.teacher={self.cfg.teacher} now holds other weights than the teacher this run was distilled "
+                f"from (sha256 {self.teacher_sha256[:12]}, recorded {recorded[:12]} at step {saved.get('step')}): "
+                "point distill.teacher at those weights (an export or a step folder stays fixed; a run folder that "
+                "is still training does not), or start a new run_dir; nothing was changed")

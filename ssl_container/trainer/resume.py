@@ -109,10 +109,14 @@ class ResumePlan:
         return lines
 
 
-def plan_resume(cfg: TrainConfig, ckpt: CheckpointManager, iters_per_epoch: int, world_size: int) -> TrainState | None:
+def plan_resume(cfg: TrainConfig, ckpt: CheckpointManager, iters_per_epoch: int, world_size: int,
+                method: Any = None) -> TrainState | None:
     """The counters a resume of ``ckpt``'s newest intact checkpoint goes on with (None: none to read),
-    after every check; raises :class:`CheckpointError` for a resume that must be refused."""
+    after every check (the config's, then the method's own: a distillation teacher whose weights changed);
+    raises :class:`CheckpointError` for a resume that must be refused."""
     plan = make_plan(cfg, ckpt, iters_per_epoch, world_size)
+    if plan.refused is None and method is not None:
+        plan.refused = method.resume_refusal(ckpt.peek() or {})
     if plan.refused is not None:  # one line: the refusal names the change itself
         raise CheckpointError(plan.refused)
     if plan.changes:

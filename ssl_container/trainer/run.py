@@ -248,7 +248,7 @@ def _build_run(cfg: TrainConfig, env: D.DistEnv, device: torch.device, resume: b
     if existing and not resume:
         _start_over(cfg, env, existing, lock)
     elif resume and existing:
-        carried = plan_resume(cfg, ckpt, iters_per_epoch, env.world_size)  # refuses before anything is written
+        carried = plan_resume(cfg, ckpt, iters_per_epoch, env.world_size, method)  # refuses before any write
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
