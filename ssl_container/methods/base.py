@@ -15,7 +15,17 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Losses", "Method"]
+__all__ = ["Losses", "Method", "build_backbone"]
+
+
+def build_backbone(model: Any) -> nn.Module:
+    """The student's backbone from the ``model`` section (every method's student starts here)."""
+    from ssl_container.models import create_model
+
+    backbone = create_model(model.name, num_classes=0, drop_path_rate=model.drop_path_rate, **model.kwargs)
+    if model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone
 
 
 @dataclass

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from ssl_container.dino import DINOHead, DINOLoss, MultiCropWrapper, koleo_loss
-from ssl_container.methods.base import Losses, Method
-from ssl_container.models import create_model
+from ssl_container.methods.base import Losses, Method, build_backbone
 from ssl_container.models.container import DropPath
 
 __all__ = ["DINOMethod", "make_teacher"]
@@ -54,10 +53,7 @@ class DINOMethod(Method):
         return cls(cfg.model, cfg.head, loss, crops.n_global, cfg.dino.koleo_weight)
 
     def build_student(self) -> nn.Module:
-        m = self.model_cfg
-        backbone = create_model(m.name, num_classes=0, drop_path_rate=m.drop_path_rate, **m.kwargs)
-        if m.grad_checkpointing:
-            backbone.set_grad_checkpointing(True)
+        backbone = build_backbone(self.model_cfg)
         return MultiCropWrapper(backbone, DINOHead(backbone.num_features, **asdict(self.head_cfg)))
 
     def attach(self, student: nn.Module, device: torch.device) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_container.export import load_backbone
-from ssl_container.methods.base import Losses, Method
+from ssl_container.methods.base import Losses, Method, build_backbone
 from ssl_container.models import create_model
 
 __all__ = ["DistillMethod", "DistillStudent", "read_teacher"]
@@ -121,10 +121,7 @@ class DistillMethod(Method):
         return cls(cfg.model, cfg.distill)
 
     def build_student(self) -> nn.Module:
-        m = self.model_cfg
-        backbone = create_model(m.name, num_classes=0, drop_path_rate=m.drop_path_rate, **m.kwargs)
-        if m.grad_checkpointing:
-            backbone.set_grad_checkpointing(True)
+        backbone = build_backbone(self.model_cfg)
         return DistillStudent(backbone, self.teacher.num_features)
 
     def attach(self, student: nn.Module, device: torch.device) -> None:
