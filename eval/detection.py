@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
-ARCHS = ("fasterrcnn", "retinanet")
+ARCHS = ("fasterrcnn", "fasterrcnn_c4", "retinanet")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,9 +193,12 @@ def build_detector(
 ) -> nn.Module:
     """A detector with a Container-Light FPN backbone; ``detector_kwargs`` go to torchvision's
     ``FasterRCNN`` / ``RetinaNet`` (e.g. ``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``)."""
-    from ssl_container.downstream.detection_backbone import fasterrcnn_container_light_fpn, retinanet_container_light_fpn
+    from ssl_container.downstream.detection_backbone import (
+        fasterrcnn_container_light_c4, fasterrcnn_container_light_fpn, retinanet_container_light_fpn,
+    )
 
-    builders = {"fasterrcnn": fasterrcnn_container_light_fpn, "retinanet": retinanet_container_light_fpn}
+    builders = {"fasterrcnn": fasterrcnn_container_light_fpn, "fasterrcnn_c4": fasterrcnn_container_light_c4,
+                "retinanet": retinanet_container_light_fpn}
     if arch not in builders:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     return builders[arch](
@@ -434,7 +437,9 @@ def random_architecture(model: str | None, pretrained: Sequence[Any]) -> tuple[s
 
 def _backbone_info(model: nn.Module) -> dict[str, Any]:
     body = model.backbone.body
-    return {"class": type(body).__name__, "params": sum(p.numel() for p in body.parameters()),
+    head = model.roi_heads.box_head if hasattr(model, "roi_heads") else None
+    in_head = sum(p.numel() for p in head.parameters()) if type(head).__name__ == "ContainerC4BoxHead" else 0
+    return {"class": type(body).__name__, "params": sum(p.numel() for p in body.parameters()) + in_head,
             "widths": [i["num_chs"] for i in body.feature_info]}
 
 
@@ -509,15 +514,17 @@ def command_line(argv: Sequence[str]) -> str:
 
 def _detector_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Sampling sizes of the Faster R-CNN heads (their cost dominates small-image CPU runs)."""
-    if args.arch != "fasterrcnn":
+    if args.arch == "retinanet":
         return {}
     out = {}
     if args.roi_batch_size:
         out["box_batch_size_per_image"] = args.roi_batch_size
     if args.proposals_train:
         out["rpn_post_nms_top_n_train"] = args.proposals_train
-    if args.box_head_dim:
+    if args.box_head_dim and args.arch == "fasterrcnn":
         out["box_head_dim"] = args.box_head_dim
+    if args.arch == "fasterrcnn_c4":
+        out["roi_size"] = args.roi_size
     return out
 
 
@@ -569,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Faster R-CNN RoIs sampled per image for the box head (torchvision default 512)")
     p.add_argument("--box-head-dim", type=int, default=None,
                    help="Faster R-CNN box head width (torchvision default 1024; 256 fits small datasets)")
+    p.add_argument("--roi-size", type=int, default=14,
+                   help="fasterrcnn_c4: RoIAlign output side on the stride-16 map, fed to the last stage (14: detectron2's; "
+                        "pretraining resolution / 16 shows objects at the scale the backbone was pretrained at)")
     p.add_argument("--proposals-train", type=int, default=None,
                    help="Faster R-CNN RPN proposals kept per image in training (torchvision default 2000)")
     p.add_argument("--freeze-at", type=int, default=0, help="0 none, 1 stem, k stem + stages 1..k-1 (BN always frozen)")

@@ -13,8 +13,11 @@ from torchvision.ops import FrozenBatchNorm2d
 import ssl_container  # noqa: F401
 from ssl_container.models import container_light
 from ssl_container.downstream.detection_backbone import (
+    ContainerC4BoxHead,
     ContainerFPNBackbone,
+    c4_anchor_sizes,
     container_light_fpn_backbone,
+    fasterrcnn_container_light_c4,
     fasterrcnn_container_light_fpn,
     retinanet_container_light_fpn,
 )
@@ -127,6 +130,47 @@ def test_multi_scale_training_and_a_narrow_box_head():
     assert seen == {64, 96, 128}
     det.transform.eval()
     assert det.transform(images=[image])[0].image_sizes[0] == (128, 192)
+
+
+def test_c4_detector_classifies_rois_with_the_pretrained_last_stage(tmp_path):
+    """fasterrcnn_c4: RPN and RoIAlign on the stride-16 map; the box head is the backbone's own last stage,
+    final norm and average pool, loaded with the pretrained weights; freeze_at 5 leaves only the RPN and the
+    two linear layers trainable, freeze_at 4 the last stage too."""
+    from safetensors.torch import save_file
+
+    from ssl_container.export import export
+
+    body = _randomised_bn(container_light(num_classes=0, **TINY)).eval()
+    save_file(body.state_dict(), str(tmp_path / "bare.safetensors"))
+    exp = export(tmp_path / "bare.safetensors", tmp_path / "export", model_kwargs=TINY)
+    det = fasterrcnn_container_light_c4(3, exp, freeze_at=5, min_size=128, max_size=200, roi_size=4)
+    head = det.roi_heads.box_head
+    assert isinstance(head, ContainerC4BoxHead) and head.out_channels == 128
+    assert det.backbone.out_channels == 64 and det.backbone.strides == (16,) and det.transform.size_divisible == 16
+    assert len(det.backbone.body.stages) == 3 and det.roi_heads.box_roi_pool.output_size == (4, 4)
+    assert det.rpn.anchor_generator.sizes == (c4_anchor_sizes(200),) == ((16, 32, 64, 128),)
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in det.named_parameters() if p.requires_grad}
+    assert trainable == {"rpn.head", "roi_heads.box_predictor"}
+    # The head is the pretrained network's ending: a RoI that is a whole image gets the image's pooled features.
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        stride16 = det.backbone(x)["0"]
+        want = body.forward_head(body.forward_features(x), pre_logits=True)
+        assert torch.allclose(det.eval().roi_heads.box_head(stride16), want, atol=1e-5)
+    det.train()
+    assert not head.training and not any(s.training for s in det.backbone.body.stages)
+    images = [torch.rand(3, 100, 150), torch.rand(3, 120, 90)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 80.0, 90.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    losses = det(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert det.roi_heads.box_predictor.cls_score.weight.grad is not None
+    tuned = fasterrcnn_container_light_c4(3, exp, freeze_at=4, min_size=128, max_size=200, roi_size=4)
+    assert all(p.requires_grad for p in tuned.roi_heads.box_head.parameters())
+    assert not any(p.requires_grad for p in tuned.backbone.parameters())
+    with pytest.raises(ValueError, match="roi_size must be even"):
+        fasterrcnn_container_light_c4(3, None, roi_size=5, backbone_kwargs=TINY)
 
 
 def _coco(split: str, n: int, train: bool):

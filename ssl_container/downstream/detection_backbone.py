@@ -16,6 +16,12 @@ channels at strides 4/8/16/32) feed an FPN, BatchNorm is frozen, everything else
 * :func:`retinanet_container_light_fpn`: FPN on stages 2-4 (strides 8-32) + P6/P7 computed from the
   last stage output, as torchvision's and mmdetection's RetinaNet (the paper's RetinaNet used
   mmdetection).
+* :func:`fasterrcnn_container_light_c4`: the "C4" Faster R-CNN of detectron2 and of the MoCo / DINO
+  transfer protocols: the RPN and RoIAlign on the stride-16 map (stages 1-3), and the box head is the
+  backbone's own last stage, final norm and average pool (:class:`ContainerC4BoxHead`), so RoIs are
+  classified from the pooled features the pretraining shaped. Only the RPN's conv and the final
+  linear layers start from scratch: the detector for small detection sets, where FPN heads of
+  millions of random parameters learn the few training images by heart.
 
 Both builders set the detector's ``GeneralizedRCNNTransform.size_divisible`` to 32, so batches are
 padded to a multiple of the backbone's total stride. ``num_classes`` counts the background class
@@ -46,6 +52,9 @@ __all__ = [
     "ContainerFPNBackbone",
     "convert_frozen_batchnorm",
     "container_light_fpn_backbone",
+    "ContainerC4Backbone",
+    "ContainerC4BoxHead",
+    "fasterrcnn_container_light_c4",
     "fasterrcnn_container_light_fpn",
     "retinanet_container_light_fpn",
 ]
@@ -237,4 +246,114 @@ def retinanet_container_light_fpn(
         returned_stages=(1, 2, 3), extra_blocks=LastLevelP6P7(last, 256),
     )
     model = RetinaNet(backbone, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
+    return _set_size_divisible(model, backbone.size_divisible)
+
+
+class ContainerC4Backbone(nn.Module):
+    """The stem and stages 1..3 of a Container body: one stride-16 map (key ``"0"``) for the RPN and
+    RoIAlign. ``freeze_at`` and ``norm`` as in :class:`ContainerFPNBackbone`; the body must keep its
+    last stage and final norm for :class:`ContainerC4BoxHead`, which :func:`fasterrcnn_container_light_c4`
+    takes off it first."""
+
+    def __init__(self, body: nn.Module, freeze_at: int = 0) -> None:
+        super().__init__()
+        last = len(body.stages) - 2  # the stage before the last
+        body.prune_intermediate_layers(indices=[last], prune_norm=True, prune_head=True)
+        self.body = body
+        self.strides = (int(body.feature_info[last]["reduction"]),)
+        self.size_divisible = self.strides[0]
+        self.out_channels = int(body.feature_info[last]["num_chs"])
+        self._frozen = ([body.stages[0].patch_embed] if freeze_at >= 1 else []) + list(body.stages[: max(freeze_at - 1, 0)])
+        for module in self._frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ContainerC4Backbone":
+        super().train(mode)
+        for module in self._frozen:
+            module.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        h, w = x.shape[-2:]
+        s = self.size_divisible
+        if (-h) % s or (-w) % s:  # bottom/right zero padding: box coordinates stay valid
+            x = F.pad(x, (0, (-w) % s, 0, (-h) % s))
+        for stage in self.body.stages:
+            x = stage(x)
+        return OrderedDict([("0", x)])
+
+
+class ContainerC4BoxHead(nn.Module):
+    """The box head of the C4 detector: a Container's last stage, its final norm and the average pool,
+    applied to each RoI (``(N, C3, r, r)`` from RoIAlign -> ``(N, C4)``): the same representation the
+    pretraining's k-NN and projection head read, here per RoI. ``frozen`` keeps it as pretrained."""
+
+    def __init__(self, stage: nn.Module, norm: nn.Module, out_channels: int, frozen: bool = False) -> None:
+        super().__init__()
+        self.stage = stage
+        self.norm = norm
+        self.out_channels = out_channels
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ContainerC4BoxHead":
+        return super().train(mode and not self.frozen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.stage(x)).mean(dim=(2, 3))
+
+
+def c4_anchor_sizes(max_size: int) -> tuple[int, ...]:
+    """Detectron2's five C4 anchor sizes (32-512 px at an 800-px short side) from 16 px, the smallest
+    that the stride-16 map places densely, up to the image's long side."""
+    sizes = tuple(s for s in (16, 32, 64, 128, 256, 512) if s <= max_size)
+    return sizes or (16,)
+
+
+def fasterrcnn_container_light_c4(
+    num_classes: int = 91,
+    backbone_weights: Any = None,
+    *,
+    which: str | None = None,
+    freeze_at: int = 0,
+    norm: str = "frozen_bn",
+    drop_path_rate: float = 0.0,
+    min_size: int | tuple[int, ...] = 800,
+    max_size: int = 1333,
+    roi_size: int = 14,
+    backbone_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Faster R-CNN, C4 style: RPN and RoIAlign (``roi_size`` x ``roi_size``) on the stride-16 map, the
+    backbone's last stage as the box head (:class:`ContainerC4BoxHead`, frozen when ``freeze_at`` is
+    5), one linear layer each for class scores and box deltas. ``roi_size``: 14 is detectron2's; a
+    backbone pretrained on small crops sees its objects at their pretraining scale with
+    ``roi_size = pretraining resolution / 16`` (4 for 64-px crops). ``kwargs`` go to ``FasterRCNN``."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if roi_size < 2 or roi_size % 2:
+        raise ValueError(f"roi_size must be even and >= 2 (the last stage halves it), got {roi_size}")
+    body = _body(backbone_weights, which, "container_light", dict(backbone_kwargs or {}))
+    if hasattr(body, "set_drop_path_rate"):
+        body.set_drop_path_rate(drop_path_rate)
+    if norm == "frozen_bn":
+        convert_frozen_batchnorm(body)
+    n = len(body.stages)
+    if not 0 <= freeze_at <= n + 1:
+        raise ValueError(f"freeze_at must be in 0..{n + 1} (0: nothing, 1: stem, {n + 1}: all), got {freeze_at}")
+    box_head = ContainerC4BoxHead(body.stages[n - 1], body.norm, int(body.feature_info[n - 1]["num_chs"]),
+                                  frozen=freeze_at >= n + 1)
+    backbone = ContainerC4Backbone(body, freeze_at)
+    sizes = c4_anchor_sizes(max_size)
+    model = FasterRCNN(
+        backbone, num_classes=None, min_size=min_size, max_size=max_size,
+        rpn_anchor_generator=AnchorGenerator((sizes,), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=roi_size, sampling_ratio=2),
+        box_head=box_head, box_predictor=FastRCNNPredictor(box_head.out_channels, num_classes), **kwargs,
+    )
     return _set_size_divisible(model, backbone.size_divisible)
