@@ -207,14 +207,32 @@ def build_detector(
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices / kernels only: not on norms, biases or scalar gates."""
-    decay, no_decay = [], []
+def is_backbone_param(name: str) -> bool:
+    """The pretrained network's parameters: the backbone and, in the C4 detector, its last stage serving as the
+    box head."""
+    return name.startswith("backbone.body.") or name.startswith("roi_heads.box_head.stage.") \
+        or name.startswith("roi_heads.box_head.norm.")
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                 backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices / kernels only: not on norms, biases or scalar gates. With
+    ``backbone_lr_mult`` != 1 the backbone's parameters (:func:`is_backbone_param`) get ``lr`` times it."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith("mix_logit") else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        no_decay = p.ndim <= 1 or name.endswith("mix_logit")
+        groups.setdefault((no_decay, backbone_lr_mult != 1.0 and is_backbone_param(name)), []).append(p)
+    out = []
+    for (no_decay, backbone), params in sorted(groups.items()):
+        group: dict[str, Any] = dict(params=params, weight_decay=0.0 if no_decay else weight_decay)
+        if backbone:
+            if lr is None:
+                raise ValueError("param_groups: backbone_lr_mult needs lr")
+            group["lr"] = lr * backbone_lr_mult
+        out.append(group)
+    return out
 
 
 def lr_factor(it: int, total: int, warmup: int) -> float:
@@ -235,6 +253,7 @@ def train(
     weight_decay: float = 0.05,
     warmup_iters: int = 50,
     clip_grad: float | None = None,
+    backbone_lr_mult: float = 1.0,
     max_iters: int | None = None,
     seed: int = 0,
     log_every: int = 20,
@@ -247,7 +266,7 @@ def train(
     )
     total = epochs * len(loader) if max_iters is None else min(max_iters, epochs * len(loader))
     warmup = min(warmup_iters, max(total // 5, 1))
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, lr, backbone_lr_mult), lr=lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, warmup))
     model.train()
     history, it, start = [], 0, time.perf_counter()
@@ -486,6 +505,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         history = train(
             model, train_set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, clip_grad=args.clip_grad,
+            backbone_lr_mult=args.backbone_lr_mult,
             max_iters=args.max_iters, seed=args.seed, log_every=args.log_every, log=log,
         )
         t0 = time.perf_counter()
@@ -565,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (tests)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                   help="the backbone's learning rate as a multiple of --lr (0.1: the pretrained layers move ten times slower "
+                        "than the heads that start from scratch)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-iters", type=int, default=50)
     p.add_argument("--clip-grad", type=float, default=None)

@@ -169,6 +169,17 @@ def test_c4_detector_classifies_rois_with_the_pretrained_last_stage(tmp_path):
     tuned = fasterrcnn_container_light_c4(3, exp, freeze_at=4, min_size=128, max_size=200, roi_size=4)
     assert all(p.requires_grad for p in tuned.roi_heads.box_head.parameters())
     assert not any(p.requires_grad for p in tuned.backbone.parameters())
+    # --backbone-lr-mult: the pretrained layers (here the box head's last stage) get lr x mult, the new layers lr.
+    from eval.detection import param_groups
+
+    groups = param_groups(tuned, 0.05, lr=1e-3, backbone_lr_mult=0.1)
+    stage = {id(p) for p in tuned.roi_heads.box_head.parameters()}
+    new = {id(p) for p in tuned.roi_heads.box_predictor.parameters()} | {id(p) for p in tuned.rpn.parameters()}
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= stage and g["lr"] == pytest.approx(1e-4) or ids <= new and "lr" not in g
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in tuned.parameters())
+    assert len(param_groups(tuned, 0.05)) == 2  # no multiplier: decay / no decay only
     with pytest.raises(ValueError, match="roi_size must be even"):
         fasterrcnn_container_light_c4(3, None, roi_size=5, backbone_kwargs=TINY)
 
