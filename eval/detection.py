@@ -9,6 +9,10 @@ export, a run or step folder, anything ``ssl_container.export.load_backbone`` re
 ``NAME=PATH`` for any other weights. Every initialisation gets the same seed, data order, schedule
 and detection heads; only the backbone differs.
 
+``--arch``: ``fasterrcnn`` (FPN on the four stages, the Container paper's detector), ``fasterrcnn_c4``
+(the backbone's last stage as the box head: the detector for small detection sets, where it is the one whose
+pretrained init pays, docs/study.md) or ``retinanet``.
+
 Dataset layout (COCO's): ``DATA/annotations/instances_{split}.json`` and ``DATA/{split}/*.jpg``.
 Categories are mapped to contiguous labels 1..K (0 is background), boxes from COCO's xywh to xyxy;
 crowd and degenerate boxes are left out of training, training images without boxes are skipped.
