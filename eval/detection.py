@@ -460,8 +460,10 @@ def random_architecture(model: str | None, pretrained: Sequence[Any]) -> tuple[s
 
 def _backbone_info(model: nn.Module) -> dict[str, Any]:
     body = model.backbone.body
-    head = model.roi_heads.box_head if hasattr(model, "roi_heads") else None
-    in_head = sum(p.numel() for p in head.parameters()) if type(head).__name__ == "ContainerC4BoxHead" else 0
+    from ssl_container.downstream.detection_backbone import ContainerC4BoxHead
+
+    head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+    in_head = sum(p.numel() for p in head.parameters()) if isinstance(head, ContainerC4BoxHead) else 0  # the last stage
     return {"class": type(body).__name__, "params": sum(p.numel() for p in body.parameters()) + in_head,
             "widths": [i["num_chs"] for i in body.feature_info]}
 

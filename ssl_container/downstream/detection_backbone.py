@@ -81,7 +81,40 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-class ContainerFPNBackbone(nn.Module):
+def check_norm_and_freeze(norm: str, freeze_at: int, n_stages: int) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not 0 <= freeze_at <= n_stages + 1:
+        raise ValueError(f"freeze_at must be in 0..{n_stages + 1} (0: nothing, 1: stem, {n_stages + 1}: all), got {freeze_at}")
+
+
+class _PartlyFrozenBody(nn.Module):
+    """What the FPN and C4 backbones share: the detectron2-style freezing of a Container body (``freeze_at``
+    0 nothing, 1 the stem, k the stem and stages 1..k-1; frozen layers keep eval behaviour) and the
+    bottom/right zero padding to ``size_divisible``, which leaves box coordinates unchanged."""
+
+    body: nn.Module
+    size_divisible: int
+
+    def _freeze(self, freeze_at: int) -> None:
+        stages = self.body.stages
+        self._frozen = ([stages[0].patch_embed] if freeze_at >= 1 else []) + list(stages[: max(freeze_at - 1, 0)])
+        for module in self._frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "_PartlyFrozenBody":
+        super().train(mode)
+        for module in self._frozen:  # no dropout / drop-path in frozen layers
+            module.eval()
+        return self
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        s = self.size_divisible
+        return F.pad(x, (0, (-w) % s, 0, (-h) % s)) if (-h) % s or (-w) % s else x
+
+
+class ContainerFPNBackbone(_PartlyFrozenBody):
     """A Container body whose stage outputs feed a ``FeaturePyramidNetwork``.
 
     Args:
@@ -105,10 +138,7 @@ class ContainerFPNBackbone(nn.Module):
     ) -> None:
         super().__init__()
         n_stages = len(body.stages)
-        if norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        if not 0 <= freeze_at <= n_stages + 1:
-            raise ValueError(f"freeze_at must be in 0..{n_stages + 1} (0: nothing, 1: stem, {n_stages + 1}: all), got {freeze_at}")
+        check_norm_and_freeze(norm, freeze_at, n_stages)
         returned_stages = sorted(returned_stages)
         if not returned_stages or not all(0 <= i < n_stages for i in returned_stages):
             raise ValueError(f"returned_stages must be stage indices in 0..{n_stages - 1}, got {returned_stages}")
@@ -128,28 +158,8 @@ class ContainerFPNBackbone(nn.Module):
         self.out_channels = out_channels
         self._freeze(freeze_at)
 
-    def _freeze(self, freeze_at: int) -> None:
-        frozen: list[nn.Module] = []
-        if freeze_at >= 1:
-            frozen.append(self.body.stages[0].patch_embed)
-        for i in range(min(freeze_at - 1, len(self.body.stages))):
-            frozen.append(self.body.stages[i])
-        for module in frozen:
-            module.requires_grad_(False)
-        self._frozen = frozen
-
-    def train(self, mode: bool = True) -> "ContainerFPNBackbone":
-        super().train(mode)
-        for module in self._frozen:  # frozen layers keep eval behaviour (no dropout / drop-path)
-            module.eval()
-        return self
-
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        h, w = x.shape[-2:]
-        s = self.size_divisible
-        pad_h, pad_w = (-h) % s, (-w) % s
-        if pad_h or pad_w:  # bottom/right zero padding: box coordinates stay valid
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self._pad(x)
         maps = self.body.forward_intermediates(x, indices=list(self.returned_stages), intermediates_only=True)
         return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
 
@@ -249,35 +259,25 @@ def retinanet_container_light_fpn(
     return _set_size_divisible(model, backbone.size_divisible)
 
 
-class ContainerC4Backbone(nn.Module):
+class ContainerC4Backbone(_PartlyFrozenBody):
     """The stem and stages 1..3 of a Container body: one stride-16 map (key ``"0"``) for the RPN and
-    RoIAlign. ``freeze_at`` and ``norm`` as in :class:`ContainerFPNBackbone`; the body must keep its
-    last stage and final norm for :class:`ContainerC4BoxHead`, which :func:`fasterrcnn_container_light_c4`
-    takes off it first."""
+    RoIAlign. ``freeze_at`` as in :class:`ContainerFPNBackbone`; :func:`fasterrcnn_container_light_c4`
+    takes the last stage and final norm off the body first, for :class:`ContainerC4BoxHead`."""
 
     def __init__(self, body: nn.Module, freeze_at: int = 0) -> None:
         super().__init__()
         last = len(body.stages) - 2  # the stage before the last
         body.prune_intermediate_layers(indices=[last], prune_norm=True, prune_head=True)
         self.body = body
+        self.returned_stages = (last,)
         self.strides = (int(body.feature_info[last]["reduction"]),)
         self.size_divisible = self.strides[0]
         self.out_channels = int(body.feature_info[last]["num_chs"])
-        self._frozen = ([body.stages[0].patch_embed] if freeze_at >= 1 else []) + list(body.stages[: max(freeze_at - 1, 0)])
-        for module in self._frozen:
-            module.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "ContainerC4Backbone":
-        super().train(mode)
-        for module in self._frozen:
-            module.eval()
-        return self
+        self._freeze(freeze_at)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        h, w = x.shape[-2:]
-        s = self.size_divisible
-        if (-h) % s or (-w) % s:  # bottom/right zero padding: box coordinates stay valid
-            x = F.pad(x, (0, (-w) % s, 0, (-h) % s))
+        # The stages directly: the body's own input check asks for its full (stride-32) divisibility.
+        x = self._pad(x)
         for stage in self.body.stages:
             x = stage(x)
         return OrderedDict([("0", x)])
@@ -334,18 +334,15 @@ def fasterrcnn_container_light_c4(
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
 
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if roi_size < 2 or roi_size % 2:
         raise ValueError(f"roi_size must be even and >= 2 (the last stage halves it), got {roi_size}")
     body = _body(backbone_weights, which, "container_light", dict(backbone_kwargs or {}))
     if hasattr(body, "set_drop_path_rate"):
         body.set_drop_path_rate(drop_path_rate)
+    n = len(body.stages)
+    check_norm_and_freeze(norm, freeze_at, n)
     if norm == "frozen_bn":
         convert_frozen_batchnorm(body)
-    n = len(body.stages)
-    if not 0 <= freeze_at <= n + 1:
-        raise ValueError(f"freeze_at must be in 0..{n + 1} (0: nothing, 1: stem, {n + 1}: all), got {freeze_at}")
     box_head = ContainerC4BoxHead(body.stages[n - 1], body.norm, int(body.feature_info[n - 1]["num_chs"]),
                                   frozen=freeze_at >= n + 1)
     backbone = ContainerC4Backbone(body, freeze_at)
