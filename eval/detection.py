@@ -219,31 +219,40 @@ def is_backbone_param(name: str) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 backbone_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+                 backbone_lr_mult: float = 1.0, split_backbone: bool = False) -> list[dict[str, Any]]:
     """Weight decay on weight matrices / kernels only: not on norms, biases or scalar gates. With
-    ``backbone_lr_mult`` != 1 the backbone's parameters (:func:`is_backbone_param`) get ``lr`` times it."""
+    ``backbone_lr_mult`` != 1 (or ``split_backbone``) the backbone's parameters (:func:`is_backbone_param`) are
+    groups of their own, marked ``backbone: True``, with ``lr`` times ``backbone_lr_mult``."""
+    split = split_backbone or backbone_lr_mult != 1.0
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.endswith("mix_logit")
-        groups.setdefault((no_decay, backbone_lr_mult != 1.0 and is_backbone_param(name)), []).append(p)
+        groups.setdefault((no_decay, split and is_backbone_param(name)), []).append(p)
     out = []
     for (no_decay, backbone), params in sorted(groups.items()):
         group: dict[str, Any] = dict(params=params, weight_decay=0.0 if no_decay else weight_decay)
         if backbone:
             if lr is None:
                 raise ValueError("param_groups: backbone_lr_mult needs lr")
-            group["lr"] = lr * backbone_lr_mult
+            group.update(lr=lr * backbone_lr_mult, backbone=True)
         out.append(group)
     return out
 
 
-def lr_factor(it: int, total: int, warmup: int) -> float:
-    """Linear warm-up from 0.001, then x0.1 at 8/12 and x0.01 at 11/12 of ``total`` iterations."""
+def lr_factor(it: int, total: int, warmup: int, frozen: int = 0) -> float:
+    """Linear warm-up from 0.001, then x0.1 at 8/12 and x0.01 at 11/12 of ``total`` iterations.
+
+    ``frozen`` > 0 is the pretrained layers' factor under ``--backbone-frozen-iters``: zero for the first
+    ``frozen`` iterations (only the new heads learn), then the same schedule with a warm-up of its own, so the
+    layers start moving under gradients from heads that already score boxes rather than from random ones."""
+    if it < frozen:
+        return 0.0
     f = 0.1 ** sum(it >= math.floor(total * m / 12) for m in (8, 11)) if total >= 12 else 1.0
-    if it < warmup:
-        f *= 0.001 + (1 - 0.001) * it / warmup
+    since = it - frozen
+    if since < warmup:
+        f *= 0.001 + (1 - 0.001) * since / warmup
     return f
 
 
@@ -258,6 +267,7 @@ def train(
     warmup_iters: int = 50,
     clip_grad: float | None = None,
     backbone_lr_mult: float = 1.0,
+    backbone_frozen_iters: int = 0,
     max_iters: int | None = None,
     seed: int = 0,
     log_every: int = 20,
@@ -270,8 +280,15 @@ def train(
     )
     total = epochs * len(loader) if max_iters is None else min(max_iters, epochs * len(loader))
     warmup = min(warmup_iters, max(total // 5, 1))
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, lr, backbone_lr_mult), lr=lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, warmup))
+    if backbone_frozen_iters >= total:
+        raise ValueError(f"--backbone-frozen-iters {backbone_frozen_iters} leaves nothing of the {total} iterations "
+                         "to fine-tune the backbone in: lower it, or use --freeze-at to freeze the backbone throughout")
+    groups = param_groups(model, weight_decay, lr, backbone_lr_mult, split_backbone=backbone_frozen_iters > 0)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    # AdamW at a learning rate of 0 leaves a parameter (and its decoupled weight decay) exactly as it was.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        (lambda it, f=backbone_frozen_iters if g.get("backbone") else 0: lr_factor(it, total, warmup, f))
+        for g in groups])
     model.train()
     history, it, start = [], 0, time.perf_counter()
     for epoch in range(epochs):
@@ -502,6 +519,9 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
             from ssl_container.models import create_model
 
             body = create_model(random_arch[0], num_classes=0, **random_arch[1])
+        if args.bn_recalibration:
+            body = recalibrated_body(body, args.which, train_set, args.bn_recalibration, args.min_size[0],
+                                     args.max_size, args.batch_size, log)
         model = build_detector(
             args.arch, train_set.num_classes, body, which=args.which,
             min_size=args.min_size[0] if len(args.min_size) == 1 else tuple(args.min_size),
@@ -511,7 +531,7 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
         history = train(
             model, train_set, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, clip_grad=args.clip_grad,
-            backbone_lr_mult=args.backbone_lr_mult,
+            backbone_lr_mult=args.backbone_lr_mult, backbone_frozen_iters=args.backbone_frozen_iters,
             max_iters=args.max_iters, seed=args.seed, log_every=args.log_every, log=log,
         )
         t0 = time.perf_counter()
@@ -531,6 +551,31 @@ def run(args: argparse.Namespace, log=print) -> dict[str, Any]:
     log(_table(results))
     log(f"results: {out / 'results.json'}")
     return results
+
+
+def recalibrated_body(body: Any, which: str | None, dataset: CocoDetection, n_images: int, min_size: int,
+                      max_size: int, batch_size: int, log=print) -> nn.Module:
+    """``--bn-recalibration N``: the backbone (weights path or module) with its BatchNorm statistics
+    re-estimated on the first ``N`` training images, resized, normalised and padded as the detector does it
+    (:func:`ssl_container.downstream.detection_backbone.recalibrate_batchnorm`), before they are frozen.
+    The images are read without the training flips, so the fine-tuning's random stream is untouched."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from ssl_container.downstream.detection_backbone import recalibrate_batchnorm
+    from ssl_container.export import load_backbone
+
+    if not isinstance(body, nn.Module):
+        body = load_backbone(body, which)
+    prepare = GeneralizedRCNNTransform(min_size, max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+                                       size_divisible=32)
+    ids = dataset.ids[:n_images]
+    batches = (prepare([dataset.load_image(i) for i in ids[k: k + batch_size]])[0].tensors
+               for k in range(0, len(ids), batch_size))
+    t0 = time.perf_counter()
+    layers = recalibrate_batchnorm(body, batches)
+    log(f"  BatchNorm statistics of {layers} layers re-estimated on {len(ids)} training images at {min_size} px "
+        f"({time.perf_counter() - t0:.1f} s)")
+    return body
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -594,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-lr-mult", type=float, default=1.0,
                    help="the backbone's learning rate as a multiple of --lr (0.1: the pretrained layers move ten times slower "
                         "than the heads that start from scratch)")
+    p.add_argument("--backbone-frozen-iters", type=int, default=0,
+                   help="train only the new heads for this many iterations, then the pretrained layers too "
+                        "(with a warm-up of their own): linear probing, then fine-tuning")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-iters", type=int, default=50)
     p.add_argument("--clip-grad", type=float, default=None)
@@ -612,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Faster R-CNN RPN proposals kept per image in training (torchvision default 2000)")
     p.add_argument("--freeze-at", type=int, default=0, help="0 none, 1 stem, k stem + stages 1..k-1 (BN always frozen)")
     p.add_argument("--norm", choices=("frozen_bn", "bn"), default="frozen_bn")
+    p.add_argument("--bn-recalibration", type=int, default=0, metavar="N",
+                   help="re-estimate the backbone's BatchNorm statistics on N training images at the detection "
+                        "resolution before freezing them (precise BN; 0: keep the pretraining's)")
     p.add_argument("--drop-path", type=float, default=0.0)
     p.add_argument("--max-train-images", type=int, default=None)
     p.add_argument("--max-val-images", type=int, default=None)

@@ -284,6 +284,7 @@ def test_eval_detection_command_compares_initialisations(tmp_path):
     assert main(["--data", str(DATA), "--weights", str(weights), "--init", "dino", "random", "--arch", "retinanet",
                  "--epochs", "1", "--max-iters", "1", "--max-train-images", "2", "--max-val-images", "2",
                  "--min-size", "64", "--max-size", "96", "--vis-images", "2", "--log-every", "0",
+                 "--bn-recalibration", "2",
                  "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["runs"]) == ["dino", "random"]
@@ -300,3 +301,70 @@ def test_eval_detection_command_compares_initialisations(tmp_path):
     dino, rand = results["runs"]["dino"]["backbone"], results["runs"]["random"]["backbone"]
     assert dino == rand and dino["widths"] == TINY["embed_dims"]
     assert 0 < dino["params"] < tiny  # the detection body: final norm pruned
+
+
+@needs_coco
+def test_backbone_frozen_iters_trains_the_heads_first_then_the_pretrained_layers():
+    """``--backbone-frozen-iters``: linear probing, then fine-tuning. The pretrained layers (here the C4 box
+    head's last stage) stay bitwise at their weights while the new heads learn, then move."""
+    from eval.detection import lr_factor, train
+
+    assert [lr_factor(it, 120, 10, frozen=30) for it in (0, 29)] == [0.0, 0.0]
+    assert lr_factor(30, 120, 10, frozen=30) == pytest.approx(0.001)  # its own warm-up after unfreezing
+    assert lr_factor(40, 120, 10, frozen=30) == pytest.approx(1.0) == lr_factor(40, 120, 10)
+    assert lr_factor(85, 120, 10, frozen=30) == pytest.approx(0.1) == lr_factor(85, 120, 10)  # the same decay
+    torch.manual_seed(0)
+    ds = _coco("train2017", 2, train=True)
+    det = fasterrcnn_container_light_c4(ds.num_classes, None, freeze_at=4, min_size=96, max_size=128, roi_size=4,
+                                        backbone_kwargs=TINY, box_batch_size_per_image=16, rpn_post_nms_top_n_train=50)
+    stage = next(det.roi_heads.box_head.stage.parameters())
+    head = det.roi_heads.box_predictor.cls_score.weight
+    seen = []
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    hook = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: seen.append((stage.detach().clone(), head.detach().clone())))
+    try:
+        before = (stage.detach().clone(), head.detach().clone())
+        out = train(det, ds, epochs=3, batch_size=1, lr=1e-3, warmup_iters=1, backbone_frozen_iters=2, log_every=0)
+    finally:
+        hook.remove()
+    assert out["iters"] == 6 and len(seen) == 6
+    for it, (s, h) in enumerate(seen):
+        assert torch.equal(s, before[0]) == (it < 2), it  # frozen for exactly two iterations
+        assert not torch.equal(h, before[1])  # the new layers learn from the first
+    with pytest.raises(ValueError, match="--backbone-frozen-iters 6 leaves nothing"):
+        train(det, ds, epochs=3, batch_size=1, backbone_frozen_iters=6, log_every=0)
+
+
+def test_recalibrate_batchnorm_gives_the_exact_statistics_of_the_batches():
+    """Precise BN: every BatchNorm's new running mean / variance are the averages, over the batches, of its
+    input's batch mean and (unbiased) variance, computed with the recalibrated layers before it; drop-path
+    stays off, momenta and the train / eval mode come back."""
+    from ssl_container.downstream.detection_backbone import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    body = _randomised_bn(container_light(num_classes=0, drop_path_rate=0.5, **TINY)).eval()
+    batches = [torch.randn(2, 3, 64, 96), torch.randn(2, 3, 64, 96) * 2 + 1]
+    seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, []).append(
+        (i[0].mean((0, 2, 3)), i[0].var((0, 2, 3), unbiased=True))))
+        for n, m in body.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert recalibrate_batchnorm(body, iter(batches)) == len(hooks) > 0
+    for h in hooks:
+        h.remove()
+    for name, m in body.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            means, variances = zip(*seen[name])
+            assert len(means) == 2
+            torch.testing.assert_close(m.running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m.running_var, torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
+            assert m.momentum == 0.1 and not m.training
+    assert not body.training
+    with torch.no_grad():  # deterministic again: drop-path was never on, the statistics are frozen
+        assert torch.equal(body(batches[0]), body(batches[0]))
+    first = next(m for m in body.modules() if isinstance(m, nn.BatchNorm2d))
+    kept = first.running_mean.clone()
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_batchnorm(body, iter([]))
+    assert not torch.equal(first.running_mean, kept)  # reset, and said so: the caller must not use the body
