@@ -124,9 +124,10 @@ def bench_deepspeed(args, mods: tuple[str, ...] = ()) -> dict:
                         extra)
             if args.profile:
                 row.update(_profile(lambda: train_step(run, batches), device))
-                row.update(_split_ops(cfg, device, run.precision, row))
-            if cfg.engine.compile:
+            if cfg.engine.compile:  # counted before _split_ops compiles its own copy of the models
                 row["graphs_after_first_step"] = counters["stats"]["unique_graphs"] - extra["graphs_first_step"]
+            if args.profile:
+                row.update(_split_ops(cfg, device, run.precision, row))
             if device.type == "cuda":
                 row.update(_utilisation(cfg, device, run.precision, row["step_s"]))
             return row
@@ -206,6 +207,8 @@ def _split_ops(cfg, device, precision: str, row: dict) -> dict:
     from ssl_container.trainer.engine import autocast_context
     from ssl_container.trainer.run import build_models
 
+    if cfg.engine.compile:  # a fresh start for the copy, as in a process of its own (its graphs count against
+        torch._dynamo.reset()  # the same per-code-object limit as the trainer's otherwise)
     student, method = build_models(cfg, device, precision)
     teacher = method.teacher
     student.train()

@@ -44,7 +44,6 @@ __all__ = [
     "build_deepspeed_config",
     "build_optimizer",
     "initialize_engine",
-    "compile_backbones",
     "TeacherEMA",
     "owns_gradients",
     "autocast_context",
@@ -256,23 +255,6 @@ def convert_to_universal(step_dir: str | os.PathLike, out_dir: str | os.PathLike
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
     with weights_only_loads():
         ds_to_universal.main(args)
-
-
-def compile_backbones(*models: nn.Module, mode: str = "default") -> int:
-    """``torch.compile`` each repeated block of each model's backbone in place (regional compilation,
-    as PyTorch recommends for cold starts): the blocks of a stage share their graphs, so a compile
-    costs a few graphs per stage and crop size, not one per block or a whole-network graph. Backbones
-    without blocks are compiled whole. ``nn.Module.compile`` keeps parameter names and state dicts,
-    so checkpoints and the EMA are unaffected. Returns the number of modules compiled."""
-    compiled = 0
-    for model in models:
-        backbone = getattr(model, "backbone", model)
-        blocks = [b for stage in getattr(backbone, "stages", []) for b in getattr(stage, "blocks", [])]
-        blocks = blocks or list(getattr(backbone, "blocks", []))  # timm's ViT
-        for module in blocks or [backbone]:
-            module.compile(dynamic=False, mode=None if mode == "default" else mode)
-            compiled += 1
-    return compiled
 
 
 def _fp32_source_params(engine: Any, names: Iterable[str]) -> list[torch.Tensor]:

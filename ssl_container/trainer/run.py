@@ -31,8 +31,9 @@ from ssl_container.data.stream import make_train_loader, steps_per_epoch
 from ssl_container.dino import DINOSchedules, get_param_groups
 from ssl_container.methods import build_method
 from ssl_container.methods.base import Method
-from ssl_container.trainer.engine import (TeacherEMA, autocast_context, build_optimizer, compile_backbones,
-                                          effective_precision, initialize_engine)
+from ssl_container.trainer.compiling import compile_backbones
+from ssl_container.trainer.engine import (TeacherEMA, autocast_context, build_optimizer, effective_precision,
+                                          initialize_engine)
 from ssl_container.trainer.flat import FlatParameters, pack_buffers
 from ssl_container.trainer.resume import data_base_in, fresh_start_refusal, plan_resume, resolve_zero_stage
 from ssl_container.trainer.run_lock import RunFolderBusy, RunLock
@@ -306,7 +307,9 @@ def build_models(cfg: TrainConfig, device: torch.device, precision: str) -> tupl
         use_fast_cpu_kernels(student)  # DINO's teacher, a deep copy, inherits them (compiled blocks: inductor's own)
     method.attach(student, device)
     if cfg.engine.compile:
-        compile_backbones(student, *method.networks(), mode=cfg.engine.compile_mode)
+        crops = cfg.data.crops
+        compile_backbones(student, *method.networks(), mode=cfg.engine.compile_mode,
+                          input_sizes=len({crops.global_size, crops.local_size if crops.n_local else crops.global_size}))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # crop sizes are fixed: pick each convolution's fastest kernel once
     return student, method
