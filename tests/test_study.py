@@ -144,6 +144,16 @@ def test_the_paper_setting_is_one_command_away():
     assert "2720 steps per unit (85 recipe epochs)" in cpu
 
 
+def test_every_shipped_study_config_plans():
+    configs = sorted(Path("configs/studies").glob("*.yaml"))
+    assert len(configs) >= 4
+    for config in configs:
+        plan = _run("--config", str(config), "--dry-run").stdout
+        assert "budget:" in plan and "output:" in plan, config
+    plan = _run("--config", "configs/studies/imagenette_detection_96.yaml", "--dry-run").stdout
+    assert "3400 steps per unit" in plan and "data.crops.global_size=96" in plan and "at 96 px" in plan
+
+
 def test_study_help_is_quick():
     import time
 
