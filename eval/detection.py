@@ -235,7 +235,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         group: dict[str, Any] = dict(params=params, weight_decay=0.0 if no_decay else weight_decay)
         if backbone:
             if lr is None:
-                raise ValueError("param_groups: backbone_lr_mult needs lr")
+                raise ValueError("param_groups: pass lr when the backbone gets a group of its own "
+                                 "(backbone_lr_mult != 1 or split_backbone)")
             group.update(lr=lr * backbone_lr_mult, backbone=True)
         out.append(group)
     return out
@@ -285,10 +286,14 @@ def train(
                          "to fine-tune the backbone in: lower it, or use --freeze-at to freeze the backbone throughout")
     groups = param_groups(model, weight_decay, lr, backbone_lr_mult, split_backbone=backbone_frozen_iters > 0)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-    # AdamW at a learning rate of 0 leaves a parameter (and its decoupled weight decay) exactly as it was.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
         (lambda it, f=backbone_frozen_iters if g.get("backbone") else 0: lr_factor(it, total, warmup, f))
         for g in groups])
+    # Frozen for real while the heads learn alone: no gradients (so none in clipping, nor in AdamW's moments
+    # and step count, which start when the layers join) and no backward through them.
+    held = [p for g in groups if g.get("backbone") for p in g["params"]] if backbone_frozen_iters else []
+    for p in held:
+        p.requires_grad_(False)
     model.train()
     history, it, start = [], 0, time.perf_counter()
     for epoch in range(epochs):
@@ -298,6 +303,9 @@ def train(
         for images, targets in loader:
             if it >= total:
                 break
+            if held and it == backbone_frozen_iters:
+                for p in held:
+                    p.requires_grad_(True)
             losses = model(list(images), list(targets))
             loss = sum(losses.values())
             if not torch.isfinite(loss):
@@ -565,9 +573,11 @@ def recalibrated_body(body: Any, which: str | None, dataset: CocoDetection, n_im
     from ssl_container.export import load_backbone
 
     if not isinstance(body, nn.Module):
-        body = load_backbone(body, which)
+        body = load_backbone(body, which, num_classes=0)
+    # Eval mode: in training mode the transform draws its resize from torch's generator, which would shift the
+    # heads' initialisation that follows.
     prepare = GeneralizedRCNNTransform(min_size, max_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
-                                       size_divisible=32)
+                                       size_divisible=32).eval()
     ids = dataset.ids[:n_images]
     batches = (prepare([dataset.load_image(i) for i in ids[k: k + batch_size]])[0].tensors
                for k in range(0, len(ids), batch_size))

@@ -45,10 +45,10 @@ def test_1x1_convolution_as_a_matrix_multiply_matches_aten_forward_and_backward(
     assert _conv_forward(*depthwise) is NotImplemented and _conv_forward(*strided) is NotImplemented
 
 
-def _conv_backward_calls(fn) -> int:
+def _calls(name: str, fn) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.name == "aten::convolution_backward" for e in prof.events())
+    return sum(e.name == name for e in prof.events())
 
 
 def test_a_compiled_block_gives_eager_gradients_and_runs_its_1x1_layers_as_matrix_multiplies():
@@ -66,9 +66,10 @@ def test_a_compiled_block_gives_eager_gradients_and_runs_its_1x1_layers_as_matri
     n_1x1 = sum(m.kernel_size == (1, 1) and m.groups == 1 for m in block.modules() if isinstance(m, torch.nn.Conv2d))
     n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in block.modules())
     assert n_1x1 >= 3
-    eager_calls = _conv_backward_calls(lambda: block(x.clone().requires_grad_()).sum().backward())
-    compiled_calls = _conv_backward_calls(lambda: compiled(x.clone().requires_grad_()).sum().backward())
-    assert eager_calls == n_conv and compiled_calls == n_conv - n_1x1
+    for name, run in (("aten::convolution", lambda m: m(x.clone().requires_grad_())),
+                      ("aten::convolution_backward", lambda m: m(x.clone().requires_grad_()).sum().backward())):
+        assert _calls(name, lambda: run(block)) == n_conv, name
+        assert _calls(name, lambda: run(compiled)) == n_conv - n_1x1, name
 
 
 def test_every_block_stays_compiled_across_crop_sizes_and_grad_modes(monkeypatch):

@@ -303,6 +303,10 @@ def test_eval_detection_command_compares_initialisations(tmp_path):
     assert 0 < dino["params"] < tiny  # the detection body: final norm pruned
 
 
+def _float_or_none(t):
+    return None if t is None else float(t)
+
+
 @needs_coco
 def test_backbone_frozen_iters_trains_the_heads_first_then_the_pretrained_layers():
     """``--backbone-frozen-iters``: linear probing, then fine-tuning. The pretrained layers (here the C4 box
@@ -322,17 +326,20 @@ def test_backbone_frozen_iters_trains_the_heads_first_then_the_pretrained_layers
     seen = []
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    hook = register_optimizer_step_post_hook(
-        lambda opt, args, kwargs: seen.append((stage.detach().clone(), head.detach().clone())))
+    hook = register_optimizer_step_post_hook(lambda opt, args, kwargs: seen.append(
+        (stage.detach().clone(), head.detach().clone(), _float_or_none(opt.state.get(stage, {}).get("step")))))
     try:
         before = (stage.detach().clone(), head.detach().clone())
         out = train(det, ds, epochs=3, batch_size=1, lr=1e-3, warmup_iters=1, backbone_frozen_iters=2, log_every=0)
     finally:
         hook.remove()
     assert out["iters"] == 6 and len(seen) == 6
-    for it, (s, h) in enumerate(seen):
+    for it, (s, h, adam_steps) in enumerate(seen):
         assert torch.equal(s, before[0]) == (it < 2), it  # frozen for exactly two iterations
         assert not torch.equal(h, before[1])  # the new layers learn from the first
+        # No gradients while frozen: AdamW's moments and step count start when the layer joins.
+        assert (adam_steps is None) if it < 2 else (adam_steps == it - 1), (it, adam_steps)
+    assert stage.requires_grad
     with pytest.raises(ValueError, match="--backbone-frozen-iters 6 leaves nothing"):
         train(det, ds, epochs=3, batch_size=1, backbone_frozen_iters=6, log_every=0)
 
@@ -361,10 +368,16 @@ def test_recalibrate_batchnorm_gives_the_exact_statistics_of_the_batches():
             torch.testing.assert_close(m.running_var, torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
             assert m.momentum == 0.1 and not m.training
     assert not body.training
-    with torch.no_grad():  # deterministic again: drop-path was never on, the statistics are frozen
-        assert torch.equal(body(batches[0]), body(batches[0]))
+    # Drop-path stayed off: the same statistics as the same weights without drop-path.
+    still = _randomised_bn(container_light(num_classes=0, drop_path_rate=0.0, **TINY))
+    still.load_state_dict(body.state_dict())
+    recalibrate_batchnorm(still.train(), iter(batches))
+    assert still.training  # each module's mode comes back
+    for (name, a), b in zip(body.named_buffers(), still.buffers()):
+        if "running_" in name:
+            assert torch.equal(a, b), name
     first = next(m for m in body.modules() if isinstance(m, nn.BatchNorm2d))
     kept = first.running_mean.clone()
-    with pytest.raises(ValueError, match="no batches"):
+    with pytest.raises(ValueError, match="no batches given; the statistics are left as they were"):
         recalibrate_batchnorm(body, iter([]))
-    assert not torch.equal(first.running_mean, kept)  # reset, and said so: the caller must not use the body
+    assert torch.equal(first.running_mean, kept)

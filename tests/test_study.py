@@ -145,7 +145,7 @@ def test_the_paper_setting_is_one_command_away():
 
 
 def test_every_shipped_study_config_plans():
-    configs = sorted(Path("configs/studies").glob("*.yaml"))
+    configs = sorted((REPO / "configs" / "studies").glob("*.yaml"))
     assert len(configs) >= 4
     for config in configs:
         plan = _run("--config", str(config), "--dry-run").stdout

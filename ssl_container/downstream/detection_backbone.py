@@ -93,25 +93,27 @@ def recalibrate_batchnorm(body: nn.Module, batches: Iterable[torch.Tensor]) -> i
     (momentum None); every other module stays in eval mode, so drop-path and dropout do not touch them.
     Returns the number of layers recalibrated."""
     norms = [m for m in body.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("recalibrate_batchnorm: no batches given; the statistics are left as they were")
     if not norms:
         return 0
-    was_training, momenta = body.training, [m.momentum for m in norms]
+    modes, momenta = {m: m.training for m in body.modules()}, [m.momentum for m in norms]
     body.eval()
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch weighs the same
         m.train()
-    n = 0
     try:
+        body(first)
         for x in batches:
             body(x)
-            n += 1
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        body.train(was_training)
-    if n == 0:
-        raise ValueError("recalibrate_batchnorm: no batches given; the statistics would be reset to 0 and 1")
+        for m, training in modes.items():
+            m.training = training
     return len(norms)
 
 

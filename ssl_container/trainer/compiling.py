@@ -13,19 +13,21 @@ plain ``module.compile()``:
   convolutions are 1x1 (72 of 108). Inductor leaves convolutions to aten as extern kernels; on a CPU a
   convolution's forward is 5 aten calls and its backward about 14 (layout conversions and buffers inside
   oneDNN's path). As a matrix multiply over the (N*H*W, C) view of the channels-last map a 1x1 layer is the
-  same arithmetic in 2 calls each way, and inductor fuses the bias and the layout work into its own kernels.
-  Inductor's ``conv_1x1_as_mm`` does the forward; :func:`_conv_backward` is the matching decomposition of
-  the backward, handed to AOT autograd with inductor's own table.
+  same arithmetic in 4-5 calls each way (the matrix multiply and the checks inside it). :func:`_conv_forward`
+  and :func:`_conv_backward` are decompositions handed to AOT autograd with inductor's own table.
+- **Graphs for training only.** The k-NN monitor runs the compiled teacher in eval mode, at another
+  resolution and batch size: :func:`eager` keeps such calls out of the graphs (and out of the limit).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch._functorch.config
 from torch import nn
 
-__all__ = ["compile_backbones", "inductor_backend"]
+__all__ = ["compile_backbones", "eager", "inductor_backend"]
 
 aten = torch.ops.aten
 
@@ -90,7 +92,9 @@ def inductor_backend(mode: str = "default") -> Callable[..., Any]:
                  aten.convolution_backward.default: _conv_backward}
         # AOT autograd's cache keys the graph before decomposition and does not see this table, so it would
         # hand back graphs compiled without it; inductor's own cache keys the decomposed graph and stays on.
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        no_aot_cache = ({"enable_autograd_cache": False}
+                        if hasattr(torch._functorch.config, "enable_autograd_cache") else {})
+        with torch._functorch.config.patch(**no_aot_cache):
             return compile_fx(gm, example_inputs, config_patches=patches, decompositions=table)
 
     return backend
@@ -114,6 +118,18 @@ def compile_backbones(*models: nn.Module, mode: str = "default", input_sizes: in
             module.compile(backend=backend, dynamic=False)
             compiled += 1
     needed = len(shapes) * max(input_sizes, 1) * 2  # x 2: with and without gradients
-    if torch._dynamo.config.recompile_limit < needed:
-        torch._dynamo.config.recompile_limit = needed
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.6
+    if getattr(torch._dynamo.config, limit) < needed:
+        setattr(torch._dynamo.config, limit, needed)
     return compiled
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Compiled modules run their eager code inside (evaluation passes that would only add graphs)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield

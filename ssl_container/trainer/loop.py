@@ -23,6 +23,7 @@ from torch import nn
 from ssl_container import distributed as D
 from ssl_container.config import TrainConfig, check_shards, config_to_dict, flatten_config
 from ssl_container.dino import CollapseMonitor
+from ssl_container.trainer.compiling import eager
 from ssl_container.trainer.engine import select_device
 from ssl_container.trainer.knn_monitor import OnlineKNN
 from ssl_container.trainer.metrics import MetricsLogger, plot_run
@@ -104,7 +105,8 @@ def _train(run: Run, stops: GracefulStop) -> dict[str, Any]:
                 run.save()
             epoch_done, in_epoch = divmod(run.schedule_step, run.iters_per_epoch)
             if monitor is not None and in_epoch == 0 and epoch_done % cfg.monitor.every_epochs == 0:
-                metrics.scalars("knn", state.step, monitor.run(run.method.monitored(run.engine.module)))
+                with eager():  # eval mode, another size and batch: graphs the training steps never use
+                    metrics.scalars("knn", state.step, monitor.run(run.method.monitored(run.engine.module)))
     return _finish(run, metrics)
 
 
